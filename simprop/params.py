@@ -1,0 +1,407 @@
+"""The one typed, validated place where ``params.yaml`` is read.
+
+Every stage calls :func:`load_params` before doing any work.  A missing or
+misspelt key, a value of the wrong type or an unknown choice raises
+:class:`ParamsError` whose message names the dotted key (``train.lr``) and
+says what is allowed, so a bad ``dvc exp run -S ...`` fails in a second
+instead of after an hour of training.
+
+The schema is a tree of frozen dataclasses, one per ``params.yaml`` section.
+Field types drive the checks; extra rules live in each class' ``validate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+VARIANTS = ("canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet")
+FOLDS = (0, 1, 2, 3)
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing, misspelt or invalid."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded generated dataset (a miniature VOC2012 + SBD tree)."""
+
+    num_sbd_images: int = 480  # SBD train+val images (training pool)
+    num_voc_images: int = 240  # VOC2012 trainval images with masks (val half = test pool)
+    width: int = 128
+    height: int = 96
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "num_sbd_images", "num_voc_images")
+        for name in ("width", "height"):
+            if getattr(self, name) < 32:
+                raise ParamsError(f"{key}.{name}: must be >= 32 pixels, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "voc"] = "synthetic"
+    root: str = "data"
+    voc_url: str = "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar"
+    voc_md5: str = "6cd6e144f989b92b3379bac3b3de84fd"
+    sbd_url: str = (
+        "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/"
+        "semantic_contours/benchmark.tgz"
+    )
+    sbd_md5: str = "82b4d87ceb2ed10f6038a1cba92111cb"
+    train_noval_url: str = "http://home.bharathh.info/pubs/codes/SBD/train_noval.txt"
+    train_noval_md5: str = "79bff800c5f0b1ec6b21080a3c066722"
+    workers: int = 0  # 0 = all cores of the machine
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+    def validate(self, key: str) -> None:
+        for name in ("voc_md5", "sbd_md5", "train_noval_md5"):
+            value = getattr(self, name)
+            if len(value) != 32 or any(c not in "0123456789abcdef" for c in value.lower()):
+                raise ParamsError(f"{key}.{name}: expected a 32-digit hex md5, got {value!r}")
+        if self.workers < 0:
+            raise ParamsError(f"{key}.workers: must be >= 0 (0 = all cores), got {self.workers}")
+
+
+@dataclass(frozen=True)
+class SplitsParams:
+    protocol: Literal["oslsm", "pfenet"] = "oslsm"
+    small_object_filter: Literal["oslsm", "pfenet", "none"] = "oslsm"
+    folds: tuple[int, ...] = FOLDS
+
+    def validate(self, key: str) -> None:
+        _folds(self.folds, f"{key}.folds")
+
+
+@dataclass(frozen=True)
+class EpisodesParams:
+    test_seeds: tuple[int, ...] = (1, 2, 3)
+    val_seed: int = 1000
+    num_episodes: int = 1000
+    num_val_episodes: int = 300
+    max_shots: int = 5
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "num_episodes", "num_val_episodes", "max_shots")
+        if not self.test_seeds:
+            raise ParamsError(f"{key}.test_seeds: give at least one seed")
+        if len(set(self.test_seeds)) != len(self.test_seeds):
+            raise ParamsError(f"{key}.test_seeds: seeds must be distinct, got {list(self.test_seeds)}")
+        if self.val_seed in self.test_seeds:
+            raise ParamsError(
+                f"{key}.val_seed: {self.val_seed} is also a test seed; the validation episodes "
+                "used for checkpoint selection must be drawn with a seed disjoint from test_seeds"
+            )
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    backbone_weights: str = "none"  # imagenet | none | path to a ResNet-50 state dict
+    iom_iterations: int = 0  # CANet's iterative optimisation; 0 disables
+    dropout: float = 0.5
+
+    def validate(self, key: str) -> None:
+        if self.iom_iterations < 0:
+            raise ParamsError(f"{key}.iom_iterations: must be >= 0, got {self.iom_iterations}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ParamsError(f"{key}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.backbone_weights:
+            raise ParamsError(f"{key}.backbone_weights: use 'imagenet', 'none' or a file path")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    variants: tuple[str, ...] = VARIANTS
+    folds: tuple[int, ...] = FOLDS
+    lr: float = 2.5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 8
+    epochs: int = 180
+    iterations_per_epoch: int = 0  # 0 = one pass over the fold's training pairs
+    image_size: int = 321
+    augment: bool = True  # CANet's support augmentation: scale, crop, flip
+    scale_min: float = 1.0
+    scale_max: float = 1.5
+    ica_initial_p: float = 0.25
+    ica_decay: float = 0.98  # p(epoch) = ica_initial_p * ica_decay ** epoch
+    cache_backbone_features: bool = False  # only valid without augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = False
+    seed: int = 0
+    num_workers: int = 0
+    val_every: int = 1
+
+    def validate(self, key: str) -> None:
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ParamsError(f"{key}.variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
+        if not self.variants:
+            raise ParamsError(f"{key}.variants: give at least one variant")
+        _folds(self.folds, f"{key}.folds")
+        _positive(self, key, "lr", "batch_size", "epochs", "image_size", "val_every")
+        if self.iterations_per_epoch < 0:
+            raise ParamsError(f"{key}.iterations_per_epoch: must be >= 0, got {self.iterations_per_epoch}")
+        if not 0 <= self.momentum < 1:
+            raise ParamsError(f"{key}.momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ParamsError(f"{key}.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ParamsError(f"{key}.scale_min/scale_max: need 0 < scale_min <= scale_max")
+        if not 0 <= self.ica_initial_p <= 1:
+            raise ParamsError(f"{key}.ica_initial_p: must be a probability, got {self.ica_initial_p}")
+        if not 0 < self.ica_decay <= 1:
+            raise ParamsError(f"{key}.ica_decay: must be in (0, 1], got {self.ica_decay}")
+        if self.cache_backbone_features and self.augment:
+            raise ParamsError(
+                f"{key}.cache_backbone_features: backbone features can only be cached when "
+                f"{key}.augment is false (augmented images change every epoch)"
+            )
+        _device(self.device, f"{key}.device")
+        if self.num_workers < 0:
+            raise ParamsError(f"{key}.num_workers: must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    shots: tuple[int, ...] = (1, 5)
+    image_size: int = 321  # network input size; scores are computed at the original label size
+    resolution: Literal["original"] = "original"
+    batch_size: int = 16
+    identical_input: bool = True  # support = query test (paper Table 5)
+    device: str = "auto"
+
+    def validate(self, key: str) -> None:
+        if not self.shots:
+            raise ParamsError(f"{key}.shots: give at least one shot count")
+        for s in self.shots:
+            if s < 1:
+                raise ParamsError(f"{key}.shots: shots must be >= 1, got {s}")
+        _positive(self, key, "image_size", "batch_size")
+        _device(self.device, f"{key}.device")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    num_qualitative: int = 4
+
+    def validate(self, key: str) -> None:
+        if self.num_qualitative < 0:
+            raise ParamsError(f"{key}.num_qualitative: must be >= 0")
+
+
+@dataclass(frozen=True)
+class AnalysisParams:
+    variant: str = "simpropnet"  # trained model whose errors are analysed
+    fold: int = 0
+    background_pairs_per_class: int = 200
+    error_pairs: int = 1000
+    supervised_weights: str = "imagenet"  # torchvision DeepLabV3 VOC weights | none | path
+    seed: int = 7
+
+    def validate(self, key: str) -> None:
+        if self.variant not in VARIANTS:
+            raise ParamsError(f"{key}.variant: unknown variant {self.variant!r}; choose from {list(VARIANTS)}")
+        _folds((self.fold,), f"{key}.fold")
+        _positive(self, key, "background_pairs_per_class", "error_pairs")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = "simprop"
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
+
+    def validate(self, key: str) -> None:
+        if not self.experiment:
+            raise ParamsError(f"{key}.experiment: must not be empty")
+
+
+@dataclass(frozen=True)
+class Params:
+    setup: Literal["default", "paper", "tiny"] = "default"
+    data: DataParams = field(default_factory=DataParams)
+    splits: SplitsParams = field(default_factory=SplitsParams)
+    episodes: EpisodesParams = field(default_factory=EpisodesParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    report: ReportParams = field(default_factory=ReportParams)
+    analysis: AnalysisParams = field(default_factory=AnalysisParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+    def validate(self, key: str) -> None:
+        for shot in self.evaluate.shots:
+            if shot > self.episodes.max_shots:
+                raise ParamsError(
+                    f"evaluate.shots: {shot}-shot needs episodes.max_shots >= {shot} "
+                    f"(it is {self.episodes.max_shots})"
+                )
+        for fold in self.train.folds:
+            if fold not in self.splits.folds:
+                raise ParamsError(f"train.folds: fold {fold} has no splits; add it to splits.folds")
+        if self.analysis.fold not in self.train.folds or self.analysis.variant not in self.train.variants:
+            raise ParamsError(
+                f"analysis.variant/analysis.fold: ({self.analysis.variant}, fold {self.analysis.fold}) "
+                "is not trained; it must be in train.variants and train.folds"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Params flattened to dotted keys, as MLflow and ``dvc exp show`` present them."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.to_dict())
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise :class:`ParamsError` naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; run from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    params = _build(Params, raw, "", source)
+    return params
+
+
+def _build(cls: type, raw: Any, key: str, source: str) -> Any:
+    where = key or "top level"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        bad = f"{key}.{unknown[0]}" if key else unknown[0]
+        raise ParamsError(
+            f"{source}: unknown key {bad!r} (misspelt?); known keys under {where}: {sorted(fields)}"
+        )
+    missing = sorted(set(fields) - set(raw))
+    if missing:
+        bad = f"{key}.{missing[0]}" if key else missing[0]
+        raise ParamsError(f"{source}: missing key {bad!r}; every key of the schema must be set")
+    values = {}
+    for name in fields:
+        sub = f"{key}.{name}" if key else name
+        values[name] = _coerce(hints[name], raw[name], sub, source)
+    obj = cls(**values)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate(key)
+        except ParamsError as exc:
+            raise ParamsError(f"{source}: {exc}") from None
+    return obj
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, source)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ParamsError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(choices)}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        return _coerce(args[0], value, key, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{source}: {key} must be a list, got {value!r}")
+        (item,) = get_args(tp)[:1]
+        return tuple(_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "5e-4" (no dot) as a string; accept it explicitly
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ParamsError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported schema type {tp!r} for {key}")  # a bug in this module
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _positive(obj: Any, key: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ParamsError(f"{key}.{name}: must be > 0, got {value}")
+
+
+def _folds(folds: tuple[int, ...], key: str) -> None:
+    if not folds:
+        raise ParamsError(f"{key}: give at least one fold")
+    for f in folds:
+        if f not in FOLDS:
+            raise ParamsError(f"{key}: fold {f} is outside 0..3 (PASCAL-5i has four folds)")
+    if len(set(folds)) != len(folds):
+        raise ParamsError(f"{key}: folds must be distinct, got {list(folds)}")
+
+
+def _device(device: str, key: str) -> None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    raise ParamsError(f"{key}: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+
+
+def default_params() -> Params:
+    return Params()
+
+
+def dump_yaml(params: Params) -> str:
+    return yaml.safe_dump(params.to_dict(), sort_keys=False)
