@@ -108,6 +108,7 @@ class EpisodesParams:
 @dataclass(frozen=True)
 class ModelParams:
     backbone_weights: str = "none"  # imagenet | none | path to a ResNet-50 state dict
+    backbone_seed: int = 0  # initialises a random backbone when backbone_weights is none
     iom_iterations: int = 0  # CANet's iterative optimisation; 0 disables
     dropout: float = 0.5
 
