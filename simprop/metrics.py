@@ -1,0 +1,246 @@
+"""Few-shot segmentation metrics: per-class IoU, mIoU and FB-IoU (protocol.md §5).
+
+Bookkeeping
+-----------
+Each episode contributes one binary prediction and one episode label for its
+target class ``c`` (1 = foreground, 0 = background, 255 = void), both at the
+original label resolution.  Void pixels count in neither intersection nor union.
+
+* ``IoU_c`` = sum over the episodes of class ``c`` of TP / sum of (TP + FP + FN).
+* ``mIoU``  = mean of ``IoU_c`` over the classes that had at least one episode.
+* ``FB-IoU`` = mean of the foreground IoU and the background IoU, each pooled over
+  all episodes (every class) of the fold.
+
+Counts are kept in explicit per-class-id arrays indexed by the VOC id, never by
+position in a list of "classes seen", which is how one public evaluator ended up
+reporting each class' IoU under its neighbour's name.
+
+A class whose pooled union is empty (every episode's label is void or
+background and nothing was predicted) has an undefined IoU: it is reported as
+``None`` and left out of the mean.  With the small-object filter this does not
+happen on real splits.
+
+Values are fractions inside the accumulator and percent in :meth:`EpisodeMetrics.summary`
+and :func:`aggregate_seeds` (the units of the metrics files and the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from simprop.voc import IGNORE_INDEX, NUM_CLASSES, class_name
+
+
+def episode_label(label: Any, class_id: int) -> Any:
+    """Binary episode label from a VOC class map: 1 where ``label == class_id``, 255 kept, else 0.
+
+    Works on numpy arrays and torch tensors and returns the same kind (uint8).
+    """
+    if _is_torch(label):
+        import torch
+
+        out = (label == class_id).to(torch.uint8)
+        out[label == IGNORE_INDEX] = IGNORE_INDEX
+        return out
+    label = np.asarray(label)
+    out = (label == class_id).astype(np.uint8)
+    out[label == IGNORE_INDEX] = IGNORE_INDEX
+    return out
+
+
+def confusion_counts(pred: Any, label: Any) -> tuple[int, int, int, int]:
+    """(TP, FP, FN, TN) of the foreground for one binary prediction against one episode label.
+
+    ``pred``: 0/1 (or bool) mask; ``label``: 0/1/255 mask of the same shape.  Numpy arrays
+    and torch tensors (any device) are accepted; the count runs where the data lives.
+    Raises ``ValueError`` for mismatched shapes or a label that is not an episode label
+    (values other than 0, 1, 255: pass it through :func:`episode_label` first).
+    """
+    if tuple(pred.shape) != tuple(label.shape):
+        raise ValueError(
+            f"prediction shape {tuple(pred.shape)} != label shape {tuple(label.shape)}; "
+            "score at the original label resolution (resize the prediction, not the label)"
+        )
+    if _is_torch(pred) or _is_torch(label):
+        import torch
+
+        if not _is_torch(pred):
+            pred = torch.as_tensor(np.asarray(pred))
+        if not _is_torch(label):
+            label = torch.as_tensor(np.asarray(label))
+        label = label.to(pred.device)
+        label = label.to(torch.int64) if label.dtype == torch.uint8 else label
+        valid = label != IGNORE_INDEX
+        if bool(((label != 0) & (label != 1) & valid).any()):
+            raise ValueError(_NOT_EPISODE_LABEL)
+        p = (pred != 0) & valid
+        g = (label == 1) & valid
+        counts = torch.stack(
+            [(p & g).sum(), (p & ~g).sum(), (~p & g & valid).sum(), (~p & ~g & valid).sum()]
+        )
+        tp, fp, fn, tn = (int(v) for v in counts.tolist())
+        return tp, fp, fn, tn
+    pred = np.asarray(pred)
+    label = np.asarray(label)
+    valid = label != IGNORE_INDEX
+    if np.any((label != 0) & (label != 1) & valid):
+        raise ValueError(_NOT_EPISODE_LABEL)
+    p = (pred != 0) & valid
+    g = (label == 1) & valid
+    tp = int(np.count_nonzero(p & g))
+    fp = int(np.count_nonzero(p & ~g))
+    fn = int(np.count_nonzero(g & ~p))
+    tn = int(np.count_nonzero(valid)) - tp - fp - fn
+    return tp, fp, fn, tn
+
+
+_NOT_EPISODE_LABEL = (
+    "label has values other than 0, 1 and 255: it looks like a VOC class map; "
+    "convert it with simprop.metrics.episode_label(label, class_id)"
+)
+
+
+class EpisodeMetrics:
+    """Accumulates TP/FP/FN/TN per VOC class id over few-shot episodes.
+
+    >>> m = EpisodeMetrics()
+    >>> m.update(pred, label, class_id=3)      # one episode, original label size
+    >>> m.summary()                            # {"miou": .., "fbiou": .., "class_iou": {...}} in %
+    """
+
+    def __init__(self) -> None:
+        # row c holds the counts of VOC class id c (row 0 unused: background is not a target)
+        self._counts = np.zeros((NUM_CLASSES + 1, 4), dtype=np.int64)  # TP, FP, FN, TN
+        self._episodes = np.zeros(NUM_CLASSES + 1, dtype=np.int64)
+
+    # ------------------------------------------------------------------ accumulate
+
+    def update(self, pred: Any, label: Any, class_id: int) -> None:
+        """Add one episode: binary ``pred`` and episode ``label`` (0/1/255) of target ``class_id``."""
+        cid = int(class_id)
+        if not 1 <= cid <= NUM_CLASSES:
+            raise ValueError(f"class_id must be a VOC id in 1..{NUM_CLASSES}, got {class_id}")
+        self._counts[cid] += confusion_counts(pred, label)
+        self._episodes[cid] += 1
+
+    def update_many(self, preds: Iterable[Any], labels: Iterable[Any], class_ids: Iterable[int]) -> None:
+        """Add several episodes (sizes may differ between episodes)."""
+        for pred, label, cid in zip(preds, labels, class_ids, strict=True):
+            self.update(pred, label, cid)
+
+    def merge(self, other: "EpisodeMetrics") -> "EpisodeMetrics":
+        """Add another accumulator's counts into this one (e.g. from a worker); returns self."""
+        self._counts += other._counts
+        self._episodes += other._episodes
+        return self
+
+    # ------------------------------------------------------------------ read out
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self._episodes.sum())
+
+    def classes_seen(self) -> tuple[int, ...]:
+        """VOC ids with at least one episode, ascending."""
+        return tuple(int(c) for c in np.flatnonzero(self._episodes))
+
+    def episodes_per_class(self) -> dict[int, int]:
+        return {c: int(self._episodes[c]) for c in self.classes_seen()}
+
+    def class_iou(self) -> dict[int, float]:
+        """IoU (fraction) per VOC id seen; ``nan`` where the pooled union is empty."""
+        out = {}
+        for c in self.classes_seen():
+            tp, fp, fn, _ = self._counts[c]
+            union = tp + fp + fn
+            out[c] = float(tp / union) if union > 0 else math.nan
+        return out
+
+    def miou(self) -> float:
+        """Mean of the per-class IoUs (fraction) over the classes seen."""
+        values = [v for v in self.class_iou().values() if not math.isnan(v)]
+        if not values:
+            raise ValueError("no episodes with a defined IoU were added")
+        return float(np.mean(values))
+
+    def fg_bg_iou(self) -> tuple[float, float]:
+        """(foreground IoU, background IoU) as fractions, each pooled over all episodes."""
+        tp, fp, fn, tn = self._counts.sum(axis=0)
+        fg_union = tp + fp + fn
+        bg_union = tn + fn + fp  # background "TP" is TN; its FP is our FN and vice versa
+        if self.num_episodes == 0:
+            raise ValueError("no episodes were added")
+        fg = float(tp / fg_union) if fg_union > 0 else math.nan
+        bg = float(tn / bg_union) if bg_union > 0 else math.nan
+        return fg, bg
+
+    def fbiou(self) -> float:
+        """FB-IoU (fraction): mean of the pooled foreground and background IoUs."""
+        return float(np.nanmean(self.fg_bg_iou()))
+
+    def summary(self) -> dict[str, Any]:
+        """Per-seed record in percent, the shape of a ``seed<s>`` entry of the evaluate metrics file.
+
+        ``class_iou`` is keyed by VOC class name and ``class_iou_by_id`` by the id (as a string,
+        for JSON); an undefined class IoU is ``None``.
+        """
+        ious = self.class_iou()
+        fg, bg = self.fg_bg_iou()
+        return {
+            "miou": _pct(self.miou()),
+            "fbiou": _pct(self.fbiou()),
+            "fg_iou": _pct(fg),
+            "bg_iou": _pct(bg),
+            "class_iou": {class_name(c): _pct(v) for c, v in ious.items()},
+            "class_iou_by_id": {str(c): _pct(v) for c, v in ious.items()},
+            "episodes": self.num_episodes,
+        }
+
+
+def _pct(value: float) -> float | None:
+    return None if math.isnan(value) else 100.0 * float(value)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "device")
+
+
+# ---------------------------------------------------------------------- over seeds
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and *sample* standard deviation (ddof=1) of per-seed values; std is 0.0 for one value.
+
+    The test-episode seeds are a sample of the possible episode sets, so the unbiased sample
+    variance is used (the paper does not say which it used).  ``None`` entries are skipped.
+    """
+    vals = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if vals.size == 0:
+        return math.nan, math.nan
+    std = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+    return float(vals.mean()), std
+
+
+def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean ± sample std over per-seed results (as returned by :meth:`EpisodeMetrics.summary`).
+
+    Returns ``miou_mean, miou_std, fbiou_mean, fbiou_std, num_seeds`` and, when the inputs carry
+    ``class_iou``, ``class_iou_mean`` / ``class_iou_std`` keyed by class name.  Std uses ddof=1
+    (0.0 for a single seed); see :func:`mean_std`.
+    """
+    if not results:
+        raise ValueError("aggregate_seeds needs at least one per-seed result")
+    out: dict[str, Any] = {"num_seeds": len(results)}
+    for key in ("miou", "fbiou"):
+        out[f"{key}_mean"], out[f"{key}_std"] = mean_std([r[key] for r in results])
+    if all("class_iou" in r for r in results):
+        names: list[str] = []
+        for r in results:
+            names += [n for n in r["class_iou"] if n not in names]
+        stats = {n: mean_std([r["class_iou"].get(n) for r in results]) for n in names}
+        out["class_iou_mean"] = {n: m for n, (m, _) in stats.items()}
+        out["class_iou_std"] = {n: s for n, (_, s) in stats.items()}
+    return out
