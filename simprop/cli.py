@@ -19,12 +19,60 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from simprop.segment import SegmentError, segment  # lazy: pulls in torch
+
+    try:
+        results = segment(
+            args.checkpoint,
+            supports=args.support,
+            queries=args.query,
+            out_dir=args.out,
+            class_id=args.class_id,
+            variant=args.variant,
+            device=args.device,
+            batch_size=args.batch_size,
+            foreground_value=args.foreground_value,
+            progress=not args.quiet,
+        )
+    except SegmentError as exc:
+        print(f"simprop segment: error: {exc}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"{r.query} -> {r.mask} , {r.overlay} (foreground {100 * r.foreground_fraction:.1f}%)")
+    return 0
+
+
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment your own images from k support (image, mask) pairs with a trained checkpoint",
+        description="Writes <out>/<stem>_mask.png and <out>/<stem>_overlay.png for every query. "
+        "Support masks: binary PNGs (0/255 or 0/1), or VOC index PNGs with --class-id.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a trained checkpoint, e.g. models/simpropnet/fold0/best.pt")
+    p.add_argument(
+        "--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
+        help="a support image and its mask; repeat for k shots",
+    )
+    p.add_argument("--query", nargs="+", required=True, help="query images and/or folders of images")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--class-id", type=int, default=None, help="class to take from VOC-style index masks")
+    p.add_argument("--variant", default=None, help="fail unless the checkpoint is of this variant")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--foreground-value", type=int, default=255, help="mask value written for foreground (1..255)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_segment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simprop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("params", help="validate params.yaml and print every key")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_cmd_params)
+    _add_segment(sub)
     return parser
 
 
