@@ -208,7 +208,8 @@ class AnalysisParams:
     fold: int = 0
     background_pairs_per_class: int = 200
     error_pairs: int = 1000
-    supervised_weights: str = "imagenet"  # torchvision DeepLabV3 VOC weights | none | path
+    overlap_episodes: int = 1000  # 1-shot test episodes of the error-overlap analysis; 0 = all
+    supervised_weights: str = "voc"  # voc (torchvision DeepLabV3 VOC-label weights) | none | path
     seed: int = 7
 
     def validate(self, key: str) -> None:
@@ -216,6 +217,13 @@ class AnalysisParams:
             raise ParamsError(f"{key}.variant: unknown variant {self.variant!r}; choose from {list(VARIANTS)}")
         _folds((self.fold,), f"{key}.fold")
         _positive(self, key, "background_pairs_per_class", "error_pairs")
+        if self.overlap_episodes < 0:
+            raise ParamsError(f"{key}.overlap_episodes: must be >= 0 (0 = all), got {self.overlap_episodes}")
+        if not self.supervised_weights or self.supervised_weights == "imagenet":
+            raise ParamsError(
+                f"{key}.supervised_weights: use 'voc' (torchvision's DeepLabV3 VOC-label weights), "
+                "'none' (skip the error-overlap analysis) or the path of a deeplabv3_resnet50 state dict"
+            )
 
 
 @dataclass(frozen=True)
