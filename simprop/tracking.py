@@ -1,0 +1,387 @@
+"""MLflow tracking: one run per stage execution (docs/architecture.md, "Tracking contract").
+
+Where runs go
+-------------
+:func:`resolve_tracking` picks the store, first match wins:
+
+1. ``tracking.tracking_uri`` from params.yaml, when not empty;
+2. the ``MLFLOW_TRACKING_URI`` environment variable;
+3. ``sqlite:///<repo root>/mlflow.db``.
+
+Artifacts of experiments this module creates go to ``<repo root>/mlartifacts/<experiment>``
+unless the store is a tracking server (``http(s)://``), which then decides.  A relative
+``sqlite:///mlflow.db`` or ``file:`` URI is resolved against the repo root, not the cwd.
+
+"Repo root" is always the *original* repository: ``dvc exp run --temp`` runs stages in
+``<repo>/.dvc/tmp/exps/standalone/tmpXXXX/`` and ``--queue`` in ``<repo>/.dvc/tmp/exps/tmpXXXX/``
+(each a full git + dvc checkout of its own, deleted afterwards; DVC 3.67 sets ``DVC_ROOT`` to
+the original repo), so a store or artifact root derived from the cwd would vanish with it.
+:func:`find_repo_root` strips everything from ``.dvc/tmp/exps`` on.
+
+Runs are written through an explicit :class:`mlflow.MlflowClient`; this module sets no global
+MLflow state (no ``mlflow.set_tracking_uri``, no fluent active run).  Log through the
+:class:`StageRun` that :func:`stage_run` yields.  ``mlflow`` is imported lazily, so importing
+this module is cheap, and ``MLFLOW_DISABLE_TELEMETRY`` defaults to ``true`` when it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow import MlflowClient
+
+    from simprop.params import Params
+
+_EXPS_PARTS = (".dvc", "tmp", "exps")
+_MAX_KEY = 250
+_MAX_PARAM_VALUE = 6000
+_MAX_TAG_VALUE = 8000
+
+
+def _mlflow():
+    """Import mlflow on first use, with telemetry off unless the caller chose otherwise."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def original_repo_root(path: str | os.PathLike) -> Path | None:
+    """The repo a DVC temporary experiment copy belongs to, or ``None`` if ``path`` is not in one.
+
+    ``/repo/.dvc/tmp/exps/standalone/tmpab12/src`` -> ``/repo``.
+    """
+    parts = Path(path).absolute().parts
+    for i in range(len(parts) - len(_EXPS_PARTS) + 1):
+        if parts[i : i + len(_EXPS_PARTS)] == _EXPS_PARTS:
+            return Path(*parts[:i])
+    return None
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The original repository root for the tracking store and artifacts.
+
+    ``start`` given: that directory (or the repo it is a temp-experiment copy of).  Otherwise:
+    the repo whose temp-experiment copy holds the cwd; else ``$DVC_ROOT`` (likewise mapped);
+    else the nearest parent of the cwd holding ``.dvc`` or ``.git``; else the cwd.
+    """
+    if start is not None:
+        start = Path(start).absolute()
+        return original_repo_root(start) or start
+    cwd = Path.cwd().absolute()
+    root = original_repo_root(cwd)
+    if root is not None:
+        return root
+    env_root = os.environ.get("DVC_ROOT")
+    if env_root:
+        return original_repo_root(env_root) or Path(env_root).absolute()
+    for parent in (cwd, *cwd.parents):
+        if (parent / ".dvc").is_dir() or (parent / ".git").exists():
+            return parent
+    return cwd
+
+
+def resolve_tracking(
+    repo_root: str | os.PathLike | None = None,
+    tracking_uri: str = "",
+    experiment: str | None = None,
+) -> tuple[str, str | None]:
+    """``(tracking_uri, artifact_location)`` for this execution.
+
+    ``tracking_uri`` is the ``tracking.tracking_uri`` param (empty = not set).  The artifact
+    location is ``file://<repo root>/mlartifacts`` (``/<experiment>`` appended when given), or
+    ``None`` for a tracking server, which stores artifacts where it was configured to.
+    """
+    root = find_repo_root(repo_root)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or f"sqlite:///{root / 'mlflow.db'}"
+    uri = _anchor_relative_uri(uri, root)
+    if uri.split(":", 1)[0].lower() in ("http", "https", "databricks"):
+        return uri, None
+    artifacts = root / "mlartifacts"
+    if experiment:
+        artifacts = artifacts / _safe_path_component(experiment)
+    return uri, artifacts.as_uri()
+
+
+def _anchor_relative_uri(uri: str, root: Path) -> str:
+    """Resolve ``sqlite:///rel.db`` / ``file:rel`` / a bare relative path against ``root``."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        if rel and not rel.startswith(":memory:") and not Path(rel).is_absolute():
+            return f"sqlite:///{root / rel}"
+        return uri
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return (root / uri[len("file:") :]).as_uri()
+    if "://" not in uri and not uri.startswith(("file:", "sqlite:")) and not Path(uri).is_absolute():
+        return str(root / uri)
+    return uri
+
+
+def _safe_path_component(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip(".") or "experiment"
+
+
+# --------------------------------------------------------------------------- names and values
+
+
+def sanitize_key(name: str) -> str:
+    """A metric/param/tag name MLflow accepts: ``miou@1shot(fold0)`` -> ``miou_1shot_fold0``.
+
+    Allowed characters are letters, digits, ``_ - . /`` and space; anything else becomes ``_``;
+    empty, ``.`` and ``..`` path segments are dropped; at most 250 characters.
+    """
+    text = re.sub(r"[^\w.\-/ ]+", "_", str(name)).strip("_")
+    segments = [s for s in text.split("/") if s not in ("", ".", "..")]
+    text = "/".join(s.strip() or "_" for s in segments)
+    return (text or "_")[:_MAX_KEY]
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        text = json.dumps(list(value))
+    elif value is None:
+        text = "null"
+    else:
+        text = str(value)
+    return text[:_MAX_PARAM_VALUE]
+
+
+def flatten_metrics(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested dict of numbers -> ``{"a.b": float}``; ``None`` leaves are skipped.
+
+    Raises ``TypeError`` for a non-numeric leaf, naming it.
+    """
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, name))
+        elif value is None:
+            continue
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            out[name] = float(value)
+        elif hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalar
+            out[name] = float(value.item())
+        else:
+            raise TypeError(f"metric {name!r} is not a number: {value!r}")
+    return out
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    """``git rev-parse HEAD`` (in a DVC temp copy that is the experiment's baseline), else
+    ``$DVC_EXP_BASELINE_REV``, else ``"unknown"``."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("DVC_EXP_BASELINE_REV") or "unknown"
+
+
+def run_name(stage: str, variant: str | None = None, fold: int | None = None, shots: Any = None) -> str:
+    """``train/simpropnet/fold0``, ``evaluate/canet/fold2/5shot``, ``report``."""
+    parts = [stage]
+    if variant is not None:
+        parts.append(str(variant))
+    if fold is not None:
+        parts.append(f"fold{fold}")
+    if shots is not None:
+        parts.append(f"{_join(shots)}shot")
+    return "/".join(parts)
+
+
+def _join(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def stage_tags(
+    stage: str,
+    params: "Params",
+    *,
+    variant: str | None = None,
+    fold: int | None = None,
+    shots: Any = None,
+    extra_tags: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """The tags of the tracking contract.  ``variant/fold/shots`` not given -> ``"all"``."""
+    commit = git_commit()
+    tags = {
+        "stage": stage,
+        "variant": "all" if variant is None else str(variant),
+        "fold": "all" if fold is None else str(fold),
+        "shots": "all" if shots is None else _join(shots),
+        "protocol": params.splits.protocol,
+        "seeds": f"test={_join(params.episodes.test_seeds)};train={params.train.seed}",
+        "test_seeds": _join(params.episodes.test_seeds),
+        "train_seed": str(params.train.seed),
+        "episodes": str(params.episodes.num_episodes),
+        "eval_resolution": params.evaluate.resolution,
+        "eval_image_size": str(params.evaluate.image_size),
+        "setup": params.setup,
+        "data_source": params.data.source,
+        "git_commit": commit,
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "mlflow.source.git.commit": commit,
+    }
+    for key, value in (extra_tags or {}).items():
+        tags[sanitize_key(key)] = _join(value)
+    return {k: v[:_MAX_TAG_VALUE] for k, v in tags.items()}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def get_or_create_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
+    """Id of experiment ``name``; created with ``artifact_location`` when missing, restored when
+    deleted.  Safe against a parallel creator (a ``dvc queue`` worker beside us)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+class StageRun:
+    """Handle on the MLflow run of one stage execution (yielded by :func:`stage_run`)."""
+
+    def __init__(self, client: "MlflowClient", run_id: str, experiment_id: str, tracking_uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.tracking_uri = tracking_uri
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log a (possibly nested) dict of numbers; names are sanitised (``@``, ``()`` -> ``_``)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(sanitize_key(k), v, now, int(step or 0))
+            for k, v in flatten_metrics(metrics).items()
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({name: value}, step=step)
+
+    def log_history(self, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
+        """Log a whole series (e.g. the per-step training loss) in a few batched calls."""
+        from mlflow.entities import Metric
+
+        if len(steps) != len(values):
+            raise ValueError(f"log_history({name!r}): {len(steps)} steps but {len(values)} values")
+        key = sanitize_key(name)
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(s)) for s, v in zip(steps, values)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params (values stringified; lists as JSON).  MLflow params are immutable."""
+        from mlflow.entities import Param
+
+        items = [Param(sanitize_key(k), _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(sanitize_key(k), _join(v)[:_MAX_TAG_VALUE]) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file (e.g. a checkpoint: plain artifact, never ``log_model``) into the run."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"artifact {path} does not exist")
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"artifact directory {directory} does not exist")
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        """Write ``obj`` as JSON (or YAML for ``.yaml``/``.yml``) into the run's artifacts."""
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: "Params",
+    *,
+    variant: str | None = None,
+    fold: int | None = None,
+    shots: Any = None,
+    extra_tags: Mapping[str, Any] | None = None,
+    repo_root: str | os.PathLike | None = None,
+) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage execution; close it FINISHED, or FAILED on an exception.
+
+    The run is named e.g. ``train/simpropnet/fold0`` in experiment ``params.tracking.experiment``
+    (created with its artifact location under the original repo root), tagged per the tracking
+    contract (:func:`stage_tags`) and given every flattened param (``params.flat()``); the
+    composed params are also stored as the artifact ``params.yaml``.  An exception propagates
+    after the run is marked FAILED (KILLED for Ctrl-C) with its message in the ``error`` tag.
+    """
+    mlflow = _mlflow()
+    from simprop.params import dump_yaml
+
+    uri, artifacts = resolve_tracking(repo_root, params.tracking.tracking_uri, params.tracking.experiment)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(client, params.tracking.experiment, artifacts)
+    tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
+    info = client.create_run(experiment_id, run_name=run_name(stage, variant, fold, shots), tags=tags).info
+    run = StageRun(client, info.run_id, experiment_id, uri)
+    try:
+        run.log_params(params.flat())
+        run.log_text(dump_yaml(params), "params.yaml")
+        yield run
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        with contextlib.suppress(Exception):
+            client.set_tag(run.run_id, "error", f"{type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE])
+        client.set_terminated(run.run_id, status=status)
+        raise
+    client.set_terminated(run.run_id, status="FINISHED")
+

@@ -1,0 +1,231 @@
+"""MLflow tracking against real stores: a sqlite file per test and a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from mlflow_server import mlflow_server  # noqa: E402,F401  (session fixture)
+
+from simprop.params import Params, TrackingParams  # noqa: E402
+from simprop.tracking import (  # noqa: E402
+    find_repo_root,
+    original_repo_root,
+    resolve_tracking,
+    run_name,
+    sanitize_key,
+    stage_run,
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_STAGE", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def _params(uri: str = "", experiment: str = "simprop-test") -> Params:
+    return dataclasses.replace(Params(), tracking=TrackingParams(experiment=experiment, tracking_uri=uri))
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory):
+    """One repo root + sqlite store for the module: creating a sqlite store costs ~5 s of
+    migrations, so tests share it and keep apart by experiment name."""
+    return tmp_path_factory.mktemp("repo")
+
+
+def _git_repo(path: Path) -> str:
+    """Make ``path`` a git repo with one commit; return the commit."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x")
+    return git("rev-parse", "HEAD").strip()
+
+
+def _client(uri: str):
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def test_temp_experiment_copy_maps_to_original_root(tmp_path, clean_env):
+    repo = tmp_path / "repo"
+    # dvc exp run --temp (DVC 3.67) / --queue run stages in these copies
+    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone" / "tmpawju_2ja"
+    queued = repo / ".dvc" / "tmp" / "exps" / "tmppal8pkij"
+    for d in (standalone / "sub", queued, repo / "stages"):
+        d.mkdir(parents=True)
+    (standalone / ".dvc").mkdir()  # the copy is a full repo of its own
+    (repo / ".git").mkdir()
+    assert original_repo_root(standalone / "sub") == repo
+    assert original_repo_root(queued) == repo
+    assert original_repo_root(repo / "stages") is None
+
+    clean_env.chdir(standalone)
+    assert find_repo_root() == repo
+    uri, artifacts = resolve_tracking()
+    assert uri == f"sqlite:///{repo / 'mlflow.db'}"
+    assert artifacts == (repo / "mlartifacts").as_uri()
+    clean_env.chdir(queued)
+    assert find_repo_root() == repo
+    clean_env.chdir(repo / "stages")
+    assert find_repo_root() == repo  # nearest parent with .git
+    clean_env.setenv("DVC_ROOT", str(repo))
+    clean_env.chdir(tmp_path)
+    assert find_repo_root() == repo
+    assert find_repo_root(standalone) == repo  # an explicit root is mapped too
+
+
+def test_tracking_uri_precedence(tmp_path, clean_env):
+    root = tmp_path
+    assert resolve_tracking(root)[0] == f"sqlite:///{root / 'mlflow.db'}"
+    clean_env.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # relative: anchored at root
+    assert resolve_tracking(root)[0] == f"sqlite:///{root / 'elsewhere.db'}"
+    assert resolve_tracking(root, tracking_uri="sqlite:////abs/x.db")[0] == "sqlite:////abs/x.db"
+    uri, artifacts = resolve_tracking(root, tracking_uri="http://127.0.0.1:5000", experiment="e")
+    assert (uri, artifacts) == ("http://127.0.0.1:5000", None)  # the server decides
+    assert resolve_tracking(root, experiment="my exp")[1] == (root / "mlartifacts" / "my_exp").as_uri()
+
+
+def test_names_are_sanitised():
+    assert sanitize_key("miou@1shot(fold0)") == "miou_1shot_fold0"
+    assert sanitize_key("/a/../b//c") == "a/b/c"
+    assert sanitize_key("train.lr") == "train.lr"
+    assert run_name("train", "simpropnet", 0) == "train/simpropnet/fold0"
+    assert run_name("evaluate", "canet", 2, [1, 5]) == "evaluate/canet/fold2/1,5shot"
+    assert run_name("report") == "report"
+
+
+# --------------------------------------------------------------------------- sqlite store
+
+
+def test_stage_run_records_tags_params_metrics_artifacts(tmp_path, store_root, clean_env):
+    clean_env.setenv("DVC_EXP_NAME", "dowie-vega")
+    clean_env.setenv("DVC_STAGE", "train@simpropnet-0")
+    head = _git_repo(tmp_path)  # a repo of our own: the shared checkout's HEAD moves under us
+    clean_env.chdir(tmp_path)
+    params = _params()
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"\x00checkpoint")
+    with stage_run("train", params, variant="simpropnet", fold=0, shots=1, repo_root=store_root) as run:
+        run.log_metrics({"loss": 0.5}, step=1)
+        run.log_metrics({"loss": 0.25}, step=2)
+        run.log_history("loss_per_step", [0, 1, 2], [3.0, 2.0, 1.0])
+        run.log_metrics({"val": {"miou@1shot": 41.5, "skipped": None}}, step=0)
+        run.log_artifact(ckpt, artifact_path="checkpoints")
+        run.log_dict({"miou": 41.5}, "metrics/train.json")
+        run_id = run.run_id
+
+    client = _client(f"sqlite:///{store_root / 'mlflow.db'}")
+    got = client.get_run(run_id)
+    assert got.info.status == "FINISHED"
+    assert got.info.run_name == "train/simpropnet/fold0/1shot"
+    tags = got.data.tags
+    for key, value in {
+        "stage": "train", "variant": "simpropnet", "fold": "0", "shots": "1", "protocol": "oslsm",
+        "seeds": "test=1,2,3;train=0", "episodes": "1000", "eval_resolution": "original",
+        "setup": "default", "dvc_exp_name": "dowie-vega", "dvc_stage": "train@simpropnet-0",
+    }.items():  # fmt: skip
+        assert tags[key] == value, key
+    assert tags["git_commit"] == head
+    flat = params.flat()
+    assert set(got.data.params) == set(flat)
+    assert got.data.params["train.lr"] == "0.0025"
+    assert got.data.params["episodes.test_seeds"] == "[1, 2, 3]"
+    assert got.data.metrics["val.miou_1shot"] == 41.5
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert len(client.get_metric_history(run_id, "loss_per_step")) == 3
+
+    # artifacts land under <repo root>/mlartifacts/<experiment>/<run id>/artifacts
+    exp = client.get_experiment(got.info.experiment_id)
+    assert exp.artifact_location == (store_root / "mlartifacts" / "simprop-test").as_uri()
+    art = store_root / "mlartifacts" / "simprop-test" / run_id / "artifacts"
+    assert (art / "checkpoints" / "best.pt").read_bytes() == b"\x00checkpoint"
+    assert (art / "metrics" / "train.json").is_file()
+    assert "train:" in (art / "params.yaml").read_text()
+
+
+def test_failed_stage_marks_run_failed_and_reraises(store_root, clean_env):
+    params = _params(experiment="failing")
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run("evaluate", params, variant="canet", fold=3, repo_root=store_root) as run:
+            run_id = run.run_id
+            raise RuntimeError("boom")
+    got = _client(f"sqlite:///{store_root / 'mlflow.db'}").get_run(run_id)
+    assert got.info.status == "FAILED"
+    assert got.data.tags["error"] == "RuntimeError: boom"
+    assert got.data.tags["variant"] == "canet" and got.data.tags["fold"] == "3"
+
+
+def test_env_uri_and_second_run_reuse_experiment(tmp_path, store_root, clean_env):
+    store = store_root / "mlflow.db"  # given through the environment, repo root elsewhere
+    clean_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    ids = []
+    for stage in ("download", "report"):
+        with stage_run(stage, _params(experiment="env-uri"), repo_root=tmp_path) as run:
+            ids.append((run.experiment_id, run.run_id))
+            assert run.tracking_uri == f"sqlite:///{store}"
+    assert ids[0][0] == ids[1][0] and ids[0][1] != ids[1][1]
+    assert _client(f"sqlite:///{store}").get_run(ids[1][1]).data.tags["variant"] == "all"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_bad_metric_value_is_named(store_root, clean_env):
+    with pytest.raises(TypeError, match="'variant'"):
+        with stage_run("report", _params(experiment="bad"), repo_root=store_root) as run:
+            run.log_metrics({"variant": "canet"})
+
+
+# --------------------------------------------------------------------------- real server
+
+
+@pytest.mark.slow
+def test_run_is_browsable_through_a_real_server(tmp_path, clean_env, mlflow_server):
+    params = _params(uri=mlflow_server.url, experiment="served")
+    table = tmp_path / "tables.md"
+    table.write_text("| a | b |\n")
+    with stage_run("evaluate", params, variant="simpropnet", fold=1, shots=[1, 5], repo_root=tmp_path) as run:
+        for step, value in enumerate([0.9, 0.7, 0.4]):
+            run.log_metrics({"loss": value}, step=step)
+        run.log_metrics({"shot1.miou_mean": 55.5})
+        run.log_artifact(table, artifact_path="reports")
+        run_id = run.run_id
+    assert not (tmp_path / "mlartifacts").exists()  # the server stores artifacts, not the client
+
+    exp = mlflow_server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="served")
+    exp_id = exp["experiment"]["experiment_id"]
+    runs = mlflow_server.post(
+        "/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [exp_id], "filter": "tags.stage = 'evaluate' and tags.variant = 'simpropnet'"},
+    )["runs"]
+    assert [r["info"]["run_id"] for r in runs] == [run_id]
+    found = runs[0]
+    assert found["info"]["status"] == "FINISHED"
+    tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
+    assert tags["shots"] == "1,5" and tags["fold"] == "1" and tags["protocol"] == "oslsm"
+    assert {p["key"] for p in found["data"]["params"]} >= {"train.lr", "tracking.experiment"}
+
+    history = mlflow_server.get("/api/2.0/mlflow/metrics/get-history", run_id=run_id, metric_key="loss")
+    assert [(m["step"], m["value"]) for m in history["metrics"]] == [(0, 0.9), (1, 0.7), (2, 0.4)]
+
+    listed = mlflow_server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id)
+    assert {f["path"] for f in listed["files"]} >= {"params.yaml", "reports"}
+    listed = mlflow_server.get("/api/2.0/mlflow/artifacts/list", run_id=run_id, path="reports")
+    assert [f["path"] for f in listed["files"]] == ["reports/tables.md"]
+    stored = list((mlflow_server.root / "artifacts").rglob("tables.md"))
+    assert len(stored) == 1 and stored[0].read_text() == "| a | b |\n"
