@@ -1,0 +1,206 @@
+"""SimPropNet and its ablations in one network, configured by the variant name.
+
+============  ========  ===============  ====
+variant       fusion    dual prediction  ICA
+============  ========  ===============  ====
+canet         canet     no               no
+dpr           canet     yes              no
+fbaf          fbaf      no               no
+dpr_fbaf      fbaf      yes              no
+simpropnet    fbaf      yes              yes
+============  ========  ===============  ====
+
+CANet's iterative optimisation (IOM, ``model.iom_iterations``) is an optional refinement
+for every variant: the decoder's softmax is fed back ``iom_iterations`` more times.
+ICA is a training-time input operation (:mod:`simprop.model.ica`); the network only
+records whether the variant uses it (``model.uses_ica``, :meth:`SimPropNet.maybe_apply_ica`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from simprop.model.canet import CANetFusion
+from simprop.model.decoder import Decoder
+from simprop.model.encoder import BACKBONE_CHANNELS, FEATURE_CHANNELS, FeatureProjection, build_backbone
+from simprop.model.fbaf import FBAFFusion
+from simprop.model.ica import apply_input_channel_averaging
+from simprop.model.losses import upsample_logits
+from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
+from simprop.params import VARIANTS as VARIANT_NAMES
+from simprop.params import ModelParams
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    name: str
+    fusion: Literal["canet", "fbaf"]
+    dual_prediction: bool
+    ica: bool
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    "canet": VariantSpec("canet", fusion="canet", dual_prediction=False, ica=False),
+    "dpr": VariantSpec("dpr", fusion="canet", dual_prediction=True, ica=False),
+    "fbaf": VariantSpec("fbaf", fusion="fbaf", dual_prediction=False, ica=False),
+    "dpr_fbaf": VariantSpec("dpr_fbaf", fusion="fbaf", dual_prediction=True, ica=False),
+    "simpropnet": VariantSpec("simpropnet", fusion="fbaf", dual_prediction=True, ica=True),
+}
+assert tuple(VARIANTS) == tuple(VARIANT_NAMES), "model variants and params.VARIANTS disagree"
+
+
+class SimPropNet(nn.Module):
+    """Shared encoder -> (CANet | FBAF) fusion -> shared ASPP decoder, support and query branch.
+
+    Call ``model(query_img, support_imgs, support_masks)`` with query [B,3,H,W], supports
+    [B,K,3,H,W] and masks [B,K,H,W] in {0,1} (ignore pixels set to 0), or pass precomputed
+    backbone features instead (``query_feats`` [B,1536,h,w], ``support_feats``
+    [B,K,1536,h,w], from :meth:`backbone_features`; ``out_size`` is then required).
+    Returns ``{"query": [B,2,H,W] logits}`` plus ``"support": [B*K,2,Hs,Ws]`` for DPr
+    variants in training mode (or when ``predict_support=True``).
+    """
+
+    def __init__(self, variant: str, params: ModelParams) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
+        self.variant = variant
+        self.spec = VARIANTS[variant]
+        self.params = params
+        self.iom_iterations = params.iom_iterations
+        self.backbone = build_backbone(params.backbone_weights, params.backbone_seed)
+        self.backbone_no_grad = True  # benchmarks flip this to measure the cost of autograd
+        self.projection = FeatureProjection(BACKBONE_CHANNELS, FEATURE_CHANNELS, dropout=params.dropout)
+        if self.spec.fusion == "canet":
+            self.fusion: nn.Module = CANetFusion(FEATURE_CHANNELS, dropout=params.dropout)
+        else:
+            self.fusion = FBAFFusion(FEATURE_CHANNELS, history=params.iom_iterations > 0)
+        self.decoder = Decoder(self.fusion.out_channels, dropout=params.dropout)
+
+    # ------------------------------------------------------------------ properties / helpers
+
+    @property
+    def uses_ica(self) -> bool:
+        return self.spec.ica
+
+    @property
+    def dual_prediction(self) -> bool:
+        return self.spec.dual_prediction
+
+    def train(self, mode: bool = True) -> "SimPropNet":
+        super().train(mode)
+        self.backbone.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def parameter_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        frozen = sum(p.numel() for p in self.backbone.parameters())
+        return {"trainable": trainable, "frozen": frozen}
+
+    def backbone_features(self, images: Tensor) -> Tensor:
+        """Frozen layer2 ⊕ layer3 features [N,1536,h,w] of normalised images [N,3,H,W]."""
+        ctx = torch.no_grad() if self.backbone_no_grad else contextlib.nullcontext()
+        with ctx:
+            return self.backbone(images)
+
+    def maybe_apply_ica(self, query_img: Tensor, p: float, generator: torch.Generator | None = None) -> Tensor:
+        """ICA on the query images when this variant uses it and the model is training."""
+        if not (self.uses_ica and self.training):
+            return query_img
+        return apply_input_channel_averaging(query_img, p, generator)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        query_img: Tensor | None = None,
+        support_imgs: Tensor | None = None,
+        support_masks: Tensor | None = None,
+        *,
+        query_feats: Tensor | None = None,
+        support_feats: Tensor | None = None,
+        out_size: tuple[int, int] | None = None,
+        predict_support: bool | None = None,
+    ) -> dict[str, Tensor]:
+        if support_masks is None:
+            raise ValueError("support_masks [B,K,H,W] is required")
+        if support_masks.dim() == 3:  # [B,H,W]: one shot
+            support_masks = support_masks.unsqueeze(1)
+        batch, shots = support_masks.shape[:2]
+        support_size = tuple(support_masks.shape[-2:])
+
+        if query_feats is None:
+            if query_img is None:
+                raise ValueError("give query_img [B,3,H,W] or query_feats [B,1536,h,w]")
+            query_feats = self.backbone_features(query_img)
+        if out_size is None:
+            if query_img is None:
+                raise ValueError("out_size=(H, W) is required when only query_feats are given")
+            out_size = tuple(query_img.shape[-2:])
+        if support_feats is None:
+            if support_imgs is None:
+                raise ValueError("give support_imgs [B,K,3,H,W] or support_feats [B,K,1536,h,w]")
+            if support_imgs.dim() == 4:
+                support_imgs = support_imgs.unsqueeze(1)
+            support_feats = self.backbone_features(support_imgs.flatten(0, 1))
+        elif support_feats.dim() == 5:
+            support_feats = support_feats.flatten(0, 1)
+        if support_feats.shape[0] != batch * shots or query_feats.shape[0] != batch:
+            raise ValueError(
+                f"batch mismatch: query {tuple(query_feats.shape)}, support features "
+                f"{tuple(support_feats.shape)}, support masks {tuple(support_masks.shape)}"
+            )
+
+        predict_support = self.spec.dual_prediction and self.training if predict_support is None else predict_support
+
+        # shared encoder conv (one call when query and support maps have the same size)
+        if query_feats.shape[-2:] == support_feats.shape[-2:]:
+            projected = self.projection(torch.cat([query_feats, support_feats], dim=0))
+            fq, fs = projected[:batch], projected[batch:]
+        else:
+            fq, fs = self.projection(query_feats), self.projection(support_feats)
+
+        # dual probe feature extraction (eq. 1), per support, then averaged over the shots (eq. 4)
+        masks = support_masks.flatten(0, 1)
+        zf, zb = masked_average_pool(fs, masks)
+        fg_empty, bg_empty = region_is_empty(masks, tuple(fs.shape[-2:]))
+        zf_q = average_shots(zf.view(batch, shots, -1), fg_empty.view(batch, shots))
+        zb_q = average_shots(zb.view(batch, shots, -1), bg_empty.view(batch, shots))
+
+        outputs: dict[str, Tensor] = {}
+        if predict_support and fq.shape[-2:] == fs.shape[-2:]:
+            # the support branch: each support with its own prototypes, decoded by the same decoder
+            logits = self._fuse_and_decode(torch.cat([fq, fs]), torch.cat([zf_q, zf]), torch.cat([zb_q, zb]))
+            query_logits, support_logits = logits[:batch], logits[batch:]
+        else:
+            query_logits = self._fuse_and_decode(fq, zf_q, zb_q)
+            support_logits = self._fuse_and_decode(fs, zf, zb) if predict_support else None
+        outputs["query"] = upsample_logits(query_logits, out_size)
+        if support_logits is not None:
+            outputs["support"] = upsample_logits(support_logits, support_size)
+        return outputs
+
+    def _fuse_and_decode(self, features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor) -> Tensor:
+        state = self.fusion.prepare(features, fg_prototype, bg_prototype)
+        logits = self.decoder(self.fusion.refine(state, None))
+        for _ in range(self.iom_iterations):  # CANet's IOM: feed the previous prediction back
+            history = F.softmax(logits, dim=1).detach()
+            logits = self.decoder(self.fusion.refine(state, history))
+        return logits
+
+
+def build_model(variant: str, params: ModelParams | None = None) -> SimPropNet:
+    """The network of ``variant`` (one of :data:`VARIANTS`) configured by ``model.*`` params."""
+    return SimPropNet(variant, params if params is not None else ModelParams())
