@@ -1,0 +1,130 @@
+"""Pieces shared by the analyses: pair sampling, device choice, loading the trained model, output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+
+class AnalysisError(RuntimeError):
+    """An analysis input is missing or unusable; the message says which file and what to do."""
+
+
+def pick_device(device: str = "auto"):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def images_by_class(pairs: Iterable[tuple[str, int]]) -> dict[int, list[str]]:
+    """``(image, class)`` pairs -> sorted, de-duplicated image ids per class id."""
+    out: dict[int, set[str]] = {}
+    for image, cls in pairs:
+        out.setdefault(int(cls), set()).add(image)
+    return {c: sorted(images) for c, images in sorted(out.items())}
+
+
+def sample_pairs(
+    by_class: Mapping[int, Sequence[str]], pairs_per_class: int, rng: np.random.Generator
+) -> list[tuple[int, str, str]]:
+    """Up to ``pairs_per_class`` distinct unordered pairs (A != B) of images per class.
+
+    A class with n images has n(n-1)/2 possible pairs; when that is fewer than asked for, all of
+    them are used.  Deterministic for a given ``rng`` state.
+    """
+    pairs: list[tuple[int, str, str]] = []
+    for cls, images in sorted(by_class.items()):
+        n = len(images)
+        total = n * (n - 1) // 2
+        if total == 0:
+            continue
+        if total <= pairs_per_class:
+            chosen = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        else:
+            seen: set[tuple[int, int]] = set()
+            while len(seen) < pairs_per_class:
+                i, j = rng.choice(n, size=2, replace=False)
+                seen.add((min(i, j), max(i, j)))
+            chosen = sorted(seen)
+        pairs.extend((cls, images[i], images[j]) for i, j in chosen)
+    return pairs
+
+
+def load_trained_model(checkpoint: Path, variant: str, device):
+    """The analysed few-shot model and its checkpoint meta; a clear error when it is missing."""
+    from simprop.model import load_checkpoint
+
+    if not checkpoint.is_file():
+        raise AnalysisError(
+            f"{checkpoint}: checkpoint not found; train {variant} first (dvc repro train) or set "
+            "analysis.variant / analysis.fold to a trained model"
+        )
+    model, meta = load_checkpoint(checkpoint, map_location="cpu", variant=variant)
+    return model.to(device).eval(), meta
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c) for c in columns})
+    os.replace(tmp, path)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and population std; ``(None, None)`` for no values."""
+    if len(values) == 0:
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def backbone_note(backbone_weights: str) -> str:
+    if backbone_weights == "imagenet":
+        return "ResNet-50 layer2+layer3 with ImageNet weights (as in the paper)"
+    if backbone_weights == "none":
+        return (
+            "ResNet-50 layer2+layer3 with RANDOM weights (model.backbone_weights=none, the default "
+            "synthetic setup): the numbers test the pipeline, they do not reproduce the paper"
+        )
+    return f"ResNet-50 layer2+layer3 with weights from {backbone_weights}"
