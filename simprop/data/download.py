@@ -1,0 +1,331 @@
+"""The download stage: fetch, verify and install the raw VOC2012 + SBD trees.
+
+* :func:`fetch` downloads one URL into ``<data.root>/downloads/`` through a ``.part`` file.
+  An interrupted download resumes with an HTTP ``Range`` request; a server that ignores
+  ``Range`` (answers 200) makes it restart cleanly from byte 0. The finished file must have the
+  md5 from params.yaml, or it is moved aside to ``<name>.md5-mismatch`` and an error says why.
+* :func:`extract_archive` extracts a tar/tgz after checking every member: absolute paths, ``..``
+  components, links pointing outside the extraction directory and device files are refused.
+* :func:`install_tree` builds a tree in ``<target>.tmp-XXXX`` next to the target and renames it
+  into place only when it is complete, so an interrupted or failed extraction never looks like a
+  finished dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from simprop.data.errors import ArchiveError, ChecksumError, DataError, DownloadError, UnsafeArchiveError
+from simprop.data.io import install_tree
+from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR, DataLayout
+from simprop.data.progress import progress_bar
+
+CHUNK_SIZE = 1 << 20
+
+VOC_MEMBERS = (
+    f"{VOC_SUBDIR}/JPEGImages/",
+    f"{VOC_SUBDIR}/SegmentationClass/",
+    f"{VOC_SUBDIR}/ImageSets/Segmentation/",
+)
+"""The parts of the VOC2012 tar the pipeline reads (the rest, e.g. Annotations, is skipped)."""
+
+SBD_MEMBERS = (
+    f"{SBD_SUBDIR}/img/",
+    f"{SBD_SUBDIR}/cls/",
+    f"{SBD_SUBDIR}/train.txt",
+    f"{SBD_SUBDIR}/val.txt",
+)
+"""The parts of SBD's benchmark.tgz the pipeline reads (``inst/`` is skipped)."""
+
+
+class _Interrupted(Exception):
+    """The connection ended before the announced number of bytes arrived."""
+
+
+# ---------------------------------------------------------------------------- checksums
+
+
+def md5sum(path: Path, *, progress: bool = False) -> str:
+    """Hex md5 of a file, read in 1 MiB chunks."""
+    digest = hashlib.md5()
+    size = Path(path).stat().st_size
+    with open(path, "rb") as fh, progress_bar(
+        total=size, desc=f"md5 {Path(path).name}", unit="B", unit_scale=True, enabled=progress
+    ) as bar:
+        while chunk := fh.read(CHUNK_SIZE):
+            digest.update(chunk)
+            bar.update(len(chunk))
+    return digest.hexdigest()
+
+
+def _check_md5(path: Path, expected: str, *, url: str, key: str, progress: bool) -> None:
+    actual = md5sum(path, progress=progress)
+    if actual == expected.lower():
+        return
+    aside = path.with_name(path.name + ".md5-mismatch")
+    os.replace(path, aside)
+    raise ChecksumError(
+        f"{path.name}: md5 is {actual}, expected {expected.lower()} (data.{key}_md5).\n"
+        f"  downloaded from: {url} (data.{key}_url)\n"
+        f"  The file is not the expected archive: fix data.{key}_url (mirror?) or data.{key}_md5 in "
+        f"params.yaml. It was moved to {aside} for inspection; delete it when done. Running the stage "
+        "again downloads the file afresh. No dataset tree was written."
+    )
+
+
+# ---------------------------------------------------------------------------- download
+
+
+def file_name_from_url(url: str, default: str) -> str:
+    """The last path component of ``url`` (``benchmark.tgz``), or ``default`` when it has none."""
+    name = posixpath.basename(urllib.parse.urlparse(url).path)
+    return name if re.fullmatch(r"[A-Za-z0-9._-]+", name or "") else default
+
+
+def fetch(
+    url: str,
+    dest: Path,
+    md5: str,
+    *,
+    key: str = "file",
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 2.0,
+    progress: bool = True,
+) -> Path:
+    """Download ``url`` to ``dest`` (resuming ``dest.part``), verify its md5, return ``dest``.
+
+    An existing ``dest`` with the right md5 is reused without any network access. ``key`` names
+    the params (``data.<key>_url`` / ``data.<key>_md5``) in error messages. A connection that
+    drops is retried ``retries`` times, each retry resuming where the last one stopped; after
+    that :class:`DownloadError` is raised and the ``.part`` file is kept so that the next run
+    resumes.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        _check_md5(dest, md5, url=url, key=key, progress=progress)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _download_to_part(url, part, timeout=timeout, progress=progress)
+            break
+        except (_Interrupted, urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            if isinstance(exc, urllib.error.HTTPError):  # 4xx/5xx: retrying will not help
+                raise DownloadError(
+                    f"{url}: HTTP {exc.code} {exc.reason}; check data.{key}_url in params.yaml"
+                ) from None
+            have = part.stat().st_size if part.exists() else 0
+            if attempt == retries:
+                raise DownloadError(
+                    f"{url}: download interrupted ({type(exc).__name__}: {exc}) after {retries + 1} "
+                    f"attempts; {have} bytes are kept in {part}. Run the stage again to resume."
+                ) from None
+            time.sleep(backoff * (attempt + 1))
+    _check_md5(part, md5, url=url, key=key, progress=progress)
+    os.replace(part, dest)
+    return dest
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``(first byte, total size)`` of a ``Content-Range`` header (``bytes 100-199/1000``)."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    first = int(match.group(1)) if match.group(1) is not None else None
+    total = int(match.group(2)) if match.group(2) != "*" else None
+    return first, total
+
+
+def _download_to_part(url: str, part: Path, *, timeout: float, progress: bool) -> None:
+    """One HTTP request appending to (resume) or rewriting (restart) ``part``."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "simprop-data/1", "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # asked beyond the end: complete already, or a stale part file
+            _, total = _content_range(exc.headers.get("Content-Range"))
+            if total == have:
+                return
+            part.unlink()
+            raise _Interrupted(f"partial file larger than the remote file ({have} > {total}); restarting")
+        raise
+    with response:
+        first, total = _content_range(response.headers.get("Content-Range"))
+        length = response.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        if have and response.status == 206 and first == have:
+            mode, start = "ab", have
+        else:  # 200: the server ignored Range; start again from byte 0
+            mode, start, total = "wb", 0, length
+        received = 0
+        with open(part, mode) as fh, progress_bar(
+            total=total, initial=start, desc=part.name.removesuffix(".part"), unit="B",
+            unit_scale=True, enabled=progress,
+        ) as bar:
+            while True:
+                try:
+                    chunk = response.read(CHUNK_SIZE)
+                except http.client.IncompleteRead as exc:
+                    fh.write(exc.partial)
+                    received += len(exc.partial)
+                    raise _Interrupted(f"connection closed after {start + received} bytes") from None
+                if not chunk:
+                    break
+                fh.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if length is not None and received < length:
+        raise _Interrupted(f"connection closed after {start + received} of {start + length} bytes")
+
+
+# ---------------------------------------------------------------------------- extraction
+
+
+def check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    """Refuse a member that could write outside the extraction directory."""
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: absolute path")
+    if ".." in re.split(r"[/\\]", name):
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: '..' in its path")
+    if member.issym() or member.islnk():
+        link = member.linkname
+        if link.startswith(("/", "\\")):
+            raise UnsafeArchiveError(f"{archive}: refusing link {name!r} -> {link!r}: absolute target")
+        base = posixpath.dirname(name) if member.issym() else ""
+        target = posixpath.normpath(posixpath.join(base, link))
+        if target == ".." or target.startswith("../"):
+            raise UnsafeArchiveError(
+                f"{archive}: refusing link {name!r} -> {link!r}: points outside the extraction directory"
+            )
+    if member.isdev() or member.isfifo():
+        raise UnsafeArchiveError(f"{archive}: refusing member {name!r}: device or fifo")
+
+
+def _selected(name: str, keep: Sequence[str]) -> bool:
+    name = name.removeprefix("./")
+    return any(name == k.rstrip("/") or (k.endswith("/") and name.startswith(k)) for k in keep)
+
+
+def extract_archive(archive: Path, dest: Path, keep: Sequence[str] = (), *, progress: bool = True) -> int:
+    """Extract the members of ``archive`` under ``keep`` prefixes (all when empty) into ``dest``.
+
+    Every member is checked with :func:`check_member` before anything is written; extraction is
+    meant to go into a fresh temporary directory (see :func:`install_tree`). Returns the number
+    of files extracted. Raises :class:`ArchiveError` for a truncated or corrupt archive.
+    """
+    archive = Path(archive)
+    count = 0
+    try:
+        with tarfile.open(archive, "r:*") as tar, progress_bar(
+            desc=f"extract {archive.name}", unit=" files", enabled=progress
+        ) as bar:
+            for member in tar:
+                check_member(member, archive)
+                if keep and not _selected(member.name, keep):
+                    continue
+                tar.extract(member, dest, set_attrs=False, filter="data")
+                if member.isfile():
+                    count += 1
+                    bar.update()
+    except UnsafeArchiveError:
+        raise
+    except tarfile.FilterError as exc:
+        raise UnsafeArchiveError(f"{archive}: refusing member: {exc}") from None
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise ArchiveError(
+            f"{archive}: cannot be read completely ({type(exc).__name__}: {exc}); it is truncated or "
+            "corrupt. Delete it and run the stage again to download it afresh."
+        ) from None
+    return count
+
+
+def required_raw_paths(raw: Path) -> list[Path]:
+    """What a complete raw tree must contain (used after extraction and generation)."""
+    voc, sbd = raw / VOC_SUBDIR, raw / SBD_SUBDIR
+    sets = voc / "ImageSets" / "Segmentation"
+    return [
+        voc / "JPEGImages", voc / "SegmentationClass",
+        sets / "train.txt", sets / "val.txt", sets / "trainval.txt",
+        sbd / "img", sbd / "cls", sbd / "train.txt", sbd / "val.txt",
+        raw / "train_noval.txt",
+    ]  # fmt: skip
+
+
+def check_raw_tree(raw: Path, sources: str) -> None:
+    """Raise :class:`ArchiveError` if a required path is missing from a freshly built raw tree."""
+    missing = [p for p in required_raw_paths(raw) if not p.exists()]
+    if missing:
+        rel = ", ".join(str(p.relative_to(raw)) for p in missing[:4])
+        raise ArchiveError(
+            f"missing after extraction: {rel}; {sources} is truncated or not the expected archive. "
+            "Delete it from the downloads folder and run the stage again."
+        )
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def prepare_voc(
+    layout: DataLayout, data, *, progress: bool = True, retries: int = 3, timeout: float = 60.0, backoff: float = 2.0
+) -> None:
+    """Download (or reuse) the three official files and install ``<root>/raw`` from them.
+
+    ``data`` is the ``data`` section of the params (:class:`simprop.params.DataParams`).
+    """
+    options = dict(retries=retries, timeout=timeout, backoff=backoff, progress=progress)
+    voc_tar = fetch(
+        data.voc_url, layout.downloads / file_name_from_url(data.voc_url, "VOCtrainval_11-May-2012.tar"),
+        data.voc_md5, key="voc", **options,
+    )
+    sbd_tgz = fetch(
+        data.sbd_url, layout.downloads / file_name_from_url(data.sbd_url, "benchmark.tgz"),
+        data.sbd_md5, key="sbd", **options,
+    )
+    noval = fetch(
+        data.train_noval_url, layout.downloads / file_name_from_url(data.train_noval_url, "train_noval.txt"),
+        data.train_noval_md5, key="train_noval", **options,
+    )
+
+    def build(tmp: Path) -> None:
+        extract_archive(voc_tar, tmp, VOC_MEMBERS, progress=progress)
+        extract_archive(sbd_tgz, tmp, SBD_MEMBERS, progress=progress)
+        shutil.copyfile(noval, tmp / "train_noval.txt")
+        check_raw_tree(tmp, f"{voc_tar} or {sbd_tgz}")
+
+    install_tree(layout.raw, build)
+
+
+def prepare_raw(layout: DataLayout, data, *, workers: int = 1, progress: bool = True) -> None:
+    """The download stage: ``data.source`` ``voc`` downloads, ``synthetic`` generates."""
+    if data.source == "voc":
+        prepare_voc(layout, data, progress=progress)
+    elif data.source == "synthetic":
+        from simprop.data.synthetic import write_synthetic_tree
+
+        def build(tmp: Path) -> None:
+            write_synthetic_tree(tmp, data.synthetic, workers=workers, progress=progress)
+            check_raw_tree(tmp, "the generated tree")
+
+        install_tree(layout.raw, build)
+    else:  # params validation makes this unreachable
+        raise DataError(f"data.source: unknown source {data.source!r}")

@@ -1,0 +1,168 @@
+"""The splits stage: PASCAL-5i (image, class) pair lists per fold.
+
+Pools (``splits.protocol``, see docs/architecture.md and the reference protocol notes):
+
+* ``oslsm`` (OSLSM / CANet / HSNet, the protocol SimPropNet compares against): training pool =
+  SBD train + val + VOC2012 train, minus every VOC2012 val image;
+* ``pfenet`` (PFENet / BAM): training pool = VOC2012 train + SBD ``train_noval``, de-duplicated,
+  minus every VOC2012 val image;
+* test pool (both): VOC2012 val.
+
+An (image, class) pair exists when the class is in the image's SegmentationClassAug label and
+passes the small-object filter (``splits.small_object_filter``, :mod:`simprop.data.filters`).
+
+Files per fold ``i`` in ``splits.folds`` (classes ``5i+1 .. 5i+5`` held out):
+
+* ``train.csv``: training-pool pairs of the 15 training classes (what a fold-i model learns from);
+* ``val.csv``: training-pool pairs of the 5 held-out classes. Used **only** for checkpoint
+  selection (validation episodes); its images are never test images. Its size is what the
+  OSLSM-protocol lists publish as fold i's "training pairs" (2286 / 3425 / 5883 / 2086);
+* ``test.csv``: test-pool pairs of the 5 held-out classes (published: 346 / 451 / 725 / 346).
+
+The metrics file holds per-class and per-fold pair counts and unique image counts (published
+totals: 10,092 training and 1,381 test images) so a run can be compared with the literature.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+from simprop.data.errors import DataError
+from simprop.data.filters import class_pixel_counts, passes
+from simprop.data.io import atomic_write_text, install_tree, read_id_list, read_label, write_pairs
+from simprop.data.layout import DataLayout
+from simprop.data.progress import progress_bar, resolve_workers
+from simprop.data.voc import NUM_CLASSES, class_name, fold_classes
+
+PUBLISHED_OSLSM = {
+    "val_pairs": (2286, 3425, 5883, 2086),
+    "test_pairs": (346, 451, 725, 346),
+    "train_images": 10092,
+    "test_images": 1381,
+}
+
+
+def pools(layout: DataLayout, protocol: str) -> tuple[list[str], list[str]]:
+    """``(training pool, test pool)`` image ids, sorted; the two never share an image."""
+    voc_train = set(read_id_list(layout.voc_list("train")))
+    voc_val = set(read_id_list(layout.voc_list("val")))
+    if protocol == "oslsm":
+        sbd = set(read_id_list(layout.sbd_list("train"))) | set(read_id_list(layout.sbd_list("val")))
+        train = (sbd | voc_train) - voc_val
+    elif protocol == "pfenet":
+        train = (voc_train | set(read_id_list(layout.train_noval))) - voc_val
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose oslsm or pfenet")
+    return sorted(train), sorted(voc_val)
+
+
+def _class_counts(image_id: str, aug: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    full, sampled = class_pixel_counts(read_label(aug / f"{image_id}.png"))
+    return image_id, full[: NUM_CLASSES + 1], sampled[: NUM_CLASSES + 1]
+
+
+def kept_classes_per_image(
+    layout: DataLayout, image_ids: Sequence[str], rule: str, *, workers: int = 0, progress: bool = True
+) -> dict[str, list[int]]:
+    """For each image, the classes 1..20 of its SegmentationClassAug label that pass ``rule``."""
+    missing = [i for i in image_ids if not layout.label(i).exists()]
+    if missing:
+        raise DataError(
+            f"{layout.label(missing[0])}: no SegmentationClassAug label for image {missing[0]} "
+            f"({len(missing)} missing); run the augment stage"
+        )
+    work = partial(_class_counts, aug=layout.aug)
+    processes = min(resolve_workers(workers), max(1, len(image_ids) // 64))
+    kept: dict[str, list[int]] = {}
+
+    def collect(image_id: str, full: np.ndarray, sampled: np.ndarray) -> None:
+        kept[image_id] = [
+            c for c in range(1, NUM_CLASSES + 1) if full[c] and passes(rule, int(full[c]), int(sampled[c]))
+        ]
+
+    with progress_bar(total=len(image_ids), desc="class statistics", unit=" labels", enabled=progress) as bar:
+        if processes == 1:
+            for result in map(work, image_ids):
+                collect(*result)
+                bar.update()
+        else:
+            with Pool(processes) as pool:
+                for result in pool.imap_unordered(work, image_ids, chunksize=64):
+                    collect(*result)
+                    bar.update()
+    return kept
+
+
+def pairs_of(images: Iterable[str], kept: dict[str, list[int]], classes: Iterable[int]) -> list[tuple[str, int]]:
+    """The (image, class) pairs of ``images`` whose class is in ``classes``, sorted by class then image."""
+    wanted = set(classes)
+    return sorted(((i, c) for i in images for c in kept[i] if c in wanted), key=lambda p: (p[1], p[0]))
+
+
+def build_splits(
+    layout: DataLayout, splits, metrics_path: Path, *, workers: int = 0, progress: bool = True
+) -> dict:
+    """Write ``<root>/splits/fold<i>/{train,val,test}.csv`` and the metrics file; return the metrics.
+
+    ``splits`` is the ``splits`` params section (:class:`simprop.params.SplitsParams`).
+    """
+    train_pool, test_pool = pools(layout, splits.protocol)
+    overlap = set(train_pool) & set(test_pool)
+    if overlap:  # impossible by construction; a guard against future edits
+        raise DataError(f"images in both pools: {sorted(overlap)[:5]}")
+    kept = kept_classes_per_image(
+        layout, train_pool + test_pool, splits.small_object_filter, workers=workers, progress=progress
+    )
+    all_classes = range(1, NUM_CLASSES + 1)
+    train_pairs = pairs_of(train_pool, kept, all_classes)
+    test_pairs = pairs_of(test_pool, kept, all_classes)
+    metrics: dict = {
+        "train_pool_images": len(train_pool),
+        "test_pool_images": len(test_pool),
+        "train_images": len({i for i, _ in train_pairs}),
+        "test_images": len({i for i, _ in test_pairs}),
+        "classes": {
+            class_name(c): {
+                "train_pool_pairs": sum(1 for _, k in train_pairs if k == c),
+                "test_pool_pairs": sum(1 for _, k in test_pairs if k == c),
+            }
+            for c in all_classes
+        },
+    }
+
+    def build(tmp: Path) -> None:
+        for fold in splits.folds:
+            held_out = fold_classes(fold)
+            lists = {
+                "train": [p for p in train_pairs if p[1] not in held_out],
+                "val": [p for p in train_pairs if p[1] in held_out],
+                "test": [p for p in test_pairs if p[1] in held_out],
+            }
+            for name, pairs in lists.items():
+                write_pairs(tmp / f"fold{fold}" / f"{name}.csv", pairs)
+            metrics[f"fold{fold}"] = {
+                **{f"{name}_pairs": len(pairs) for name, pairs in lists.items()},
+                **{f"{name}_images": len({i for i, _ in pairs}) for name, pairs in lists.items()},
+            }
+
+    install_tree(layout.splits, build)
+    atomic_write_text(Path(metrics_path), json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def comparison_table(metrics: dict, folds: Sequence[int]) -> str:
+    """Counts beside the published OSLSM-protocol counts, for the stage's log."""
+    lines = [f"{'':22}{'this run':>10}{'OSLSM lists':>13}"]
+    for fold in folds:
+        f = metrics[f"fold{fold}"]
+        lines.append(f"fold{fold} val pairs{'':8}{f['val_pairs']:>10}{PUBLISHED_OSLSM['val_pairs'][fold]:>13}")
+        lines.append(f"fold{fold} test pairs{'':7}{f['test_pairs']:>10}{PUBLISHED_OSLSM['test_pairs'][fold]:>13}")
+    lines.append(f"{'unique train images':22}{metrics['train_images']:>10}{PUBLISHED_OSLSM['train_images']:>13}")
+    lines.append(f"{'unique test images':22}{metrics['test_images']:>10}{PUBLISHED_OSLSM['test_images']:>13}")
+    return "\n".join(lines)

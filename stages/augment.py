@@ -1,0 +1,31 @@
+"""DVC stage `augment`: <data.root>/SegmentationClassAug from the SBD and VOC2012 masks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simprop.data.augment import build_segmentation_class_aug
+from simprop.data.errors import DataError
+from simprop.data.layout import DataLayout
+from simprop.params import ParamsError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        layout = DataLayout(params.data.root)
+        counts = build_segmentation_class_aug(layout, workers=params.data.workers)
+    except (DataError, ParamsError) as exc:
+        print(f"augment: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"augment: {counts['voc'] + counts['sbd']} labels in {layout.aug} "
+          f"({counts['voc']} from VOC2012 SegmentationClass, {counts['sbd']} from SBD cls)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

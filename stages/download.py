@@ -1,0 +1,35 @@
+"""DVC stage `download`: the raw VOC2012 + SBD trees under <data.root>/raw.
+
+data.source voc: downloads (resumably, md5-checked) the official VOC2012 tar, SBD benchmark.tgz
+and train_noval.txt into <data.root>/downloads/, then extracts them safely and atomically.
+data.source synthetic: writes the embedded generated dataset in the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simprop.data.download import prepare_raw
+from simprop.data.errors import DataError
+from simprop.data.layout import DataLayout
+from simprop.params import ParamsError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        layout = DataLayout(params.data.root)
+        prepare_raw(layout, params.data, workers=params.data.workers)
+    except (DataError, ParamsError) as exc:
+        print(f"download: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"download: {params.data.source} tree ready in {layout.raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

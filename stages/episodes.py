@@ -1,0 +1,33 @@
+"""DVC stage `episodes`: fixed, seeded test and validation episode files per fold."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simprop.data.episodes import build_episodes
+from simprop.data.errors import DataError
+from simprop.data.layout import DataLayout
+from simprop.params import ParamsError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        layout = DataLayout(params.data.root)
+        written = build_episodes(layout, params.splits.folds, params.episodes)
+    except (DataError, ParamsError) as exc:
+        print(f"episodes: error: {exc}", file=sys.stderr)
+        return 2
+    e = params.episodes
+    print(f"episodes: {written['test_files']} test files ({e.num_episodes} episodes, seeds {list(e.test_seeds)}) "
+          f"and {written['val_files']} validation files ({e.num_val_episodes} episodes, seed {e.val_seed}) "
+          f"in {layout.episodes}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

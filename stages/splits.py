@@ -1,0 +1,33 @@
+"""DVC stage `splits`: PASCAL-5i (image, class) pair lists per fold and their counts (a metric)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from simprop.data.errors import DataError
+from simprop.data.layout import DataLayout
+from simprop.data.splits import build_splits, comparison_table
+from simprop.params import ParamsError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--metrics", default="metrics/splits.json")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        layout = DataLayout(params.data.root)
+        metrics = build_splits(layout, params.splits, args.metrics, workers=params.data.workers)
+    except (DataError, ParamsError) as exc:
+        print(f"splits: error: {exc}", file=sys.stderr)
+        return 2
+    s = params.splits
+    print(f"splits: protocol {s.protocol}, small-object filter {s.small_object_filter}, folds {list(s.folds)}")
+    print(comparison_table(metrics, s.folds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
