@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from mlflow_server import mlflow_server  # noqa: E402,F401  (session fixture)
+from mlflow_server import copy_store, mlflow_db_template, mlflow_server  # noqa: E402,F401  (fixtures)
 
 from simprop.params import Params, TrackingParams  # noqa: E402
 from simprop.tracking import (  # noqa: E402
@@ -37,10 +37,11 @@ def _params(uri: str = "", experiment: str = "simprop-test") -> Params:
 
 
 @pytest.fixture(scope="module")
-def store_root(tmp_path_factory):
-    """One repo root + sqlite store for the module: creating a sqlite store costs ~5 s of
-    migrations, so tests share it and keep apart by experiment name."""
-    return tmp_path_factory.mktemp("repo")
+def store_root(tmp_path_factory, mlflow_db_template):
+    """One repo root + sqlite store for the module (tests keep apart by experiment name)."""
+    root = tmp_path_factory.mktemp("repo")
+    copy_store(mlflow_db_template, root)
+    return root
 
 
 def _git_repo(path: Path) -> str:
