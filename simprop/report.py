@@ -1,0 +1,672 @@
+"""The paper's Tables 3, 4 and 5 regenerated from the evaluate metrics, beside the paper's numbers.
+
+Inputs (file contracts in docs/architecture.md), for every ``(variant, fold)`` in
+``params.train.variants`` x ``params.train.folds`` -- the lists from params, never a glob, so a
+stale file from a run that has since been dropped from params cannot leak into a table:
+
+* ``metrics/evaluate/<variant>_fold<i>.json`` (required),
+* ``metrics/train/<variant>_fold<i>.json`` (required),
+* training curves ``plots/train/<variant>_fold<i>/{loss,val}.csv`` (optional; the layout
+  ``plots/train/{loss,val}/<variant>_fold<i>.csv`` is read too),
+* ``outputs/evaluate/<variant>_fold<i>/qualitative.png`` (optional).
+
+Outputs: ``reports/tables.md``, ``reports/table{3,4,5}.csv`` (tidy, one row per method, shots
+and split), ``reports/figures/{per_class_iou,training_curves,qualitative}.png`` and the small
+DVC metric ``metrics/report.json``.
+
+Numbers: a fold's cell is the mean ± sample std (ddof=1) over the test seeds of that fold's
+mIoU.  The "mean" column averages the folds *per seed* and then takes mean ± std over seeds,
+so its std is the spread of the 4-split mean over test sets.  When not every fold was run,
+the mean covers the folds that were, and the paper's mean is recomputed over the same splits
+(noted in the table).  The identical-input test (Table 5) has one value per fold (all test
+pairs, no seeds), hence no std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from simprop import paper
+from simprop.metrics import mean_std
+from simprop.params import Params
+from simprop.voc import VOC_CLASSES, class_id, split_name
+
+DASH = "—"
+CSV_COLUMNS = ["table", "method", "shots", "split", "ours_mean", "ours_std", "paper", "diff", "note"]
+ALL_FOLDS = (0, 1, 2, 3)
+
+
+class MissingInputError(FileNotFoundError):
+    """A metrics file the report needs does not exist; the message names it and the stage to run."""
+
+
+class StaleInputError(ValueError):
+    """A metrics file was produced under other params (protocol, episodes, seeds, resolution)."""
+
+
+# --------------------------------------------------------------------------- input paths
+
+
+def evaluate_metrics_path(root: Path, variant: str, fold: int) -> Path:
+    return Path(root) / "metrics" / "evaluate" / f"{variant}_fold{fold}.json"
+
+
+def train_metrics_path(root: Path, variant: str, fold: int) -> Path:
+    return Path(root) / "metrics" / "train" / f"{variant}_fold{fold}.json"
+
+
+def curve_paths(root: Path, variant: str, fold: int) -> tuple[Path | None, Path | None]:
+    """(loss.csv, val.csv) of a training run, each ``None`` when absent.
+
+    The documented layout ``plots/train/<variant>_fold<i>/{loss,val}.csv`` is preferred;
+    ``plots/train/{loss,val}/<variant>_fold<i>.csv`` (one folder per curve, which DVC plots
+    can overlay) is accepted too.
+    """
+    plots = Path(root) / "plots" / "train"
+    found = []
+    for name in ("loss", "val"):
+        candidates = (plots / f"{variant}_fold{fold}" / f"{name}.csv", plots / name / f"{variant}_fold{fold}.csv")
+        found.append(next((p for p in candidates if p.is_file()), None))
+    return found[0], found[1]
+
+
+def qualitative_path(root: Path, variant: str, fold: int) -> Path:
+    return Path(root) / "outputs" / "evaluate" / f"{variant}_fold{fold}" / "qualitative.png"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RunResult:
+    """What the report knows about one trained and evaluated (variant, fold)."""
+
+    variant: str
+    fold: int
+    evaluate: dict[str, Any]
+    train: dict[str, Any]
+
+    def shot(self, shots: int) -> dict[str, Any] | None:
+        return self.evaluate.get(f"shot{shots}")
+
+
+def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingInputError(f"{path}: {what} is missing; {hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MissingInputError(f"{path}: not valid JSON ({exc}); {hint}") from exc
+
+
+def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int], RunResult]:
+    """Read the metrics of every (variant, fold) in the params lists; fail naming a missing file."""
+    root = Path(root)
+    results = {}
+    for variant in params.train.variants:
+        for fold in params.train.folds:
+            ev_path = evaluate_metrics_path(root, variant, fold)
+            ev = _read_json(
+                ev_path,
+                f"evaluate metrics of {variant} fold {fold}",
+                f"run the evaluate stage: `dvc repro evaluate@{variant}-{fold}` "
+                f"(or `python stages/evaluate.py --variant {variant} --fold {fold}`)",
+            )
+            _check_fresh(ev, ev_path, params, variant, fold)
+            tr = _read_json(
+                train_metrics_path(root, variant, fold),
+                f"training metrics of {variant} fold {fold}",
+                f"run the train stage: `dvc repro train@{variant}-{fold}` "
+                f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
+            )
+            results[(variant, fold)] = RunResult(variant, fold, ev, tr)
+    return results
+
+
+def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: int) -> None:
+    expected = {
+        "variant": variant,
+        "fold": fold,
+        "protocol": params.splits.protocol,
+        "episodes": params.episodes.num_episodes,
+        "seeds": list(params.episodes.test_seeds),
+        "resolution": params.evaluate.resolution,
+    }
+    for key, want in expected.items():
+        if key in record and record[key] != want:
+            raise StaleInputError(
+                f"{path}: {key} is {record[key]!r} but params say {want!r}; the file is stale, "
+                f"rerun `dvc repro evaluate@{variant}-{fold}`"
+            )
+
+
+# --------------------------------------------------------------------------- table rows
+
+
+@dataclass
+class Row:
+    """One row of a tidy table CSV (and one cell triple of the markdown tables)."""
+
+    table: str
+    method: str
+    shots: int
+    split: str
+    ours_mean: float | None
+    ours_std: float | None
+    paper: float | None
+    note: str = ""
+
+    @property
+    def diff(self) -> float | None:
+        if self.ours_mean is None or self.paper is None:
+            return None
+        return self.ours_mean - self.paper
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "method": self.method,
+            "shots": self.shots,
+            "split": self.split,
+            "ours_mean": self.ours_mean,
+            "ours_std": self.ours_std,
+            "paper": self.paper,
+            "diff": None if self.diff is None else round(self.diff, 6) + 0.0,  # no -0.0000
+            "note": self.note,
+        }
+
+
+# A fold getter returns (per-seed values, or a single value when there are no seeds) for a fold,
+# or None when that fold has no result.
+FoldGetter = Callable[[int], "tuple[list[float] | None, float, float | None] | None"]
+
+
+def _shot_getter(results: dict, variant: str, shots: int) -> FoldGetter:
+    """Per-fold (per-seed mIoUs, mean, std) of ``shots``-shot evaluation of ``variant``."""
+
+    def get(fold: int):
+        res = results.get((variant, fold))
+        entry = res.shot(shots) if res else None
+        if entry is None:
+            return None
+        seeds = [k for k in entry if k.startswith("seed") and isinstance(entry[k], dict)]
+        per_seed = [entry[k]["miou"] for k in sorted(seeds, key=lambda k: int(k[4:]))] or None
+        return per_seed, entry["miou_mean"], entry.get("miou_std")
+
+    return get
+
+
+def _identical_getter(results: dict, variant: str) -> FoldGetter:
+    def get(fold: int):
+        res = results.get((variant, fold))
+        if res is None or "identical" not in res.evaluate:
+            return None
+        return None, res.evaluate["identical"]["miou"], None
+
+    return get
+
+
+def _gain_getter(a: FoldGetter, b: FoldGetter) -> FoldGetter:
+    def get(fold: int):
+        ra, rb = a(fold), b(fold)
+        if ra is None or rb is None:
+            return None
+        return None, ra[1] - rb[1], None
+
+    return get
+
+
+def _rows(
+    table: str,
+    method: str,
+    shots: int,
+    getter: FoldGetter,
+    paper_row: paper.PaperRow | None,
+    folds: Sequence[int],
+) -> list[Row]:
+    """Rows split-1..split-4 and mean for one method; folds not run have ours = None."""
+    rows = []
+    done: list[tuple[int, Any]] = []
+    for fold in ALL_FOLDS:
+        got = getter(fold) if fold in folds else None
+        ref = paper_row.split(fold) if paper_row else None
+        if got is None:
+            rows.append(Row(table, method, shots, split_name(fold), None, None, ref))
+            continue
+        done.append((fold, got))
+        rows.append(Row(table, method, shots, split_name(fold), got[1], got[2], ref))
+    rows.append(_mean_row(table, method, shots, done, paper_row))
+    return rows
+
+
+def _mean_row(table: str, method: str, shots: int, done: list, paper_row: paper.PaperRow | None) -> Row:
+    if not done:
+        return Row(table, method, shots, "mean", None, None, paper_row.mean if paper_row else None)
+    folds = [f for f, _ in done]
+    per_seed = [got[0] for _, got in done]
+    if all(p is not None for p in per_seed) and len({len(p) for p in per_seed}) == 1:
+        # average the folds per seed, then mean ± std over seeds (test sets)
+        fold_means = [sum(vals) / len(vals) for vals in zip(*per_seed)]
+        mean, std = mean_std(fold_means)
+        if len(fold_means) < 2:
+            std = None
+    else:
+        mean, std = sum(got[1] for _, got in done) / len(done), None
+    note = ""
+    ref = paper_row.mean if paper_row else None
+    if tuple(folds) != ALL_FOLDS:
+        names = ", ".join(split_name(f) for f in folds)
+        note = f"mean over {names} only; paper mean recomputed over the same splits"
+        if paper_row:
+            ref = sum(paper_row.split(f) for f in folds) / len(folds)
+    return Row(table, method, shots, "mean", mean, std, ref, note)
+
+
+def table_rows(params: Params, results: dict[tuple[str, int], RunResult]) -> dict[str, list[Row]]:
+    """The rows of Tables 3, 4 and 5 (``{"table3": [...], ...}``)."""
+    variants = params.train.variants
+    folds = params.train.folds
+    shots_run = params.evaluate.shots
+
+    def run_or_none(variant: str, shots: int, getter: FoldGetter) -> FoldGetter:
+        if variant in variants and shots in shots_run:
+            return getter
+        return lambda fold: None
+
+    out: dict[str, list[Row]] = {"table3": [], "table4": [], "table5": []}
+    for (variant, shots), ref in paper.TABLE3.items():
+        getter = run_or_none(variant, shots, _shot_getter(results, variant, shots))
+        out["table3"] += _rows("3", variant, shots, getter, ref, folds)
+    for variant, ref in paper.TABLE4.items():
+        getter = run_or_none(variant, 1, _shot_getter(results, variant, 1))
+        out["table4"] += _rows("4", variant, 1, getter, ref, folds)
+    identical = params.evaluate.identical_input
+    getters = {}
+    for variant in paper.METHOD_LABELS:
+        if variant not in paper.TABLE5 and variant not in variants:
+            continue
+        getter = _identical_getter(results, variant) if identical and variant in variants else (lambda f: None)
+        getters[variant] = getter
+        out["table5"] += _rows("5", variant, 1, getter, paper.TABLE5.get(variant), folds)
+    gain = _gain_getter(getters["simpropnet"], getters["canet"])
+    out["table5"] += _rows("5", "simpropnet-canet", 1, gain, paper.TABLE5_GAIN_OVER_CANET, folds)
+    return out
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _fmt(value: float | None, std: float | None = None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    value = round(value, 2) + 0.0  # no "-0.00" from float noise
+    text = f"{value:+.2f}" if signed else f"{value:.2f}"
+    if std is not None and not math.isnan(std):
+        text += f" ± {std:.2f}"
+    return text
+
+
+def _method_name(method: str) -> str:
+    if method == "simpropnet-canet":
+        return "SimPropNet − CANet"
+    return paper.method_label(method)
+
+
+def markdown_table(rows: list[Row], show_shots: bool = True) -> str:
+    """Rows grouped per (method, shots): an "ours", a "paper" and a "Δ" line each."""
+    head = ["method"] + (["shots"] if show_shots else []) + [""] + [split_name(f) for f in ALL_FOLDS] + ["mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    notes = []
+    groups: dict[tuple[str, int], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.method, row.shots), []).append(row)
+    for (method, shots), group in groups.items():
+        lead = [_method_name(method)] + ([str(shots)] if show_shots else [])
+        blank = [""] * len(lead)
+        ours = [_fmt(r.ours_mean, r.ours_std) for r in group]
+        mean_row = group[-1]
+        if mean_row.note:
+            notes.append(f"{_method_name(method)}, {shots}-shot: {mean_row.note}.")
+            ours[-1] += " *"
+        lines.append("| " + " | ".join(lead + ["ours"] + ours) + " |")
+        lines.append("| " + " | ".join(blank + ["paper"] + [_fmt(r.paper) for r in group]) + " |")
+        lines.append("| " + " | ".join(blank + ["Δ"] + [_fmt(r.diff, signed=True) for r in group]) + " |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"\\* {n}" for n in notes) + "\n"
+    return text
+
+
+def _header(params: Params) -> str:
+    ep = params.episodes
+    seeds = ", ".join(str(s) for s in ep.test_seeds)
+    lines = [
+        "# SimPropNet reproduction: paper tables",
+        "",
+        "Regenerated by the `report` stage from `metrics/evaluate/*.json` (variants and folds "
+        "from params, never a glob). mIoU in %, PASCAL-5i, folds 0..3 = split-1..split-4.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| protocol | `{params.splits.protocol}` (small-object filter `{params.splits.small_object_filter}`) |",
+        f"| setup | `{params.setup}` |",
+        f"| data source | `{params.data.source}` |",
+        f"| test episodes | {ep.num_episodes} per fold and test set |",
+        f"| test seeds | {seeds} ({len(ep.test_seeds)} test sets; ± is the sample std, ddof=1, over them) |",
+        f"| evaluation resolution | `{params.evaluate.resolution}` label size (network input "
+        f"{params.evaluate.image_size}x{params.evaluate.image_size}), void (255) ignored |",
+        f"| checkpoint | best validation-episode mIoU ({ep.num_val_episodes} episodes, seed {ep.val_seed}) |",
+        f"| training | {params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}, "
+        f"backbone `{params.model.backbone_weights}` |",
+        f"| variants / folds | {', '.join(params.train.variants)} / "
+        f"{', '.join(str(f) for f in params.train.folds)} |",
+        "",
+        "Cells: **ours** = mean ± std over the test sets, **paper** = the paper's number, "
+        f"**Δ** = ours − paper; {DASH} = not run.",
+    ]
+    if params.data.source != "voc":
+        lines += [
+            "",
+            f"> **Note:** data source `{params.data.source}` is not PASCAL VOC: these numbers exercise "
+            "the pipeline and are not comparable with the paper's.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _sanity_table(params: Params, results: dict[tuple[str, int], RunResult]) -> str:
+    first = 1 if 1 in params.evaluate.shots else min(params.evaluate.shots)
+    lines = [
+        f"| variant | fold | {first}-shot mIoU | all-foreground mIoU | untrained-network mIoU | check |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (variant, fold), res in results.items():
+        entry = res.shot(first) or {}
+        ours = entry.get("miou_mean")
+        ref = res.evaluate.get("reference", {})
+        all_fg, untrained = ref.get("all_foreground_miou"), ref.get("untrained_miou")
+        bars = [v for v in (all_fg, untrained) if v is not None]
+        if ours is None or not bars:
+            check = DASH
+        elif ours > max(bars):
+            check = "above both" if len(bars) == 2 else "above reference"
+        else:
+            check = "**not above the references**"
+        lines.append(
+            f"| {variant} | {fold} | {_fmt(ours)} | {_fmt(all_fg)} | {_fmt(untrained)} | {check} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _training_table(results: dict[tuple[str, int], RunResult]) -> str:
+    lines = [
+        "| variant | fold | best val mIoU | best epoch | epochs | first loss | final loss | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, fold), res in results.items():
+        t = res.train
+
+        def num(key: str, digits: int = 2) -> str:
+            v = t.get(key)
+            return DASH if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+        lines.append(
+            f"| {variant} | {fold} | {num('best_val_miou')} | {num('best_epoch')} | {num('epochs')} | "
+            f"{num('first_loss', 4)} | {num('final_loss', 4)} | {num('wall_time_s', 1)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(params: Params, results: dict, tables: dict[str, list[Row]]) -> str:
+    parts = [
+        _header(params),
+        "## Table 3: one-shot and five-shot mIoU\n",
+        markdown_table(tables["table3"]),
+        "## Table 4: ablation of the components (1-shot)\n",
+        markdown_table(tables["table4"], show_shots=False),
+        "## Table 5: identical input (support = query, 1-shot)\n",
+        "All test pairs of the fold once each, so one value per fold (no seeds, no std).\n",
+        markdown_table(tables["table5"], show_shots=False),
+        "## Sanity: reference predictors\n",
+        "mIoU of predicting the whole image as foreground, and of the untrained network, on the first "
+        "test set. A trained model must beat both.\n",
+        _sanity_table(params, results),
+        "## Training\n",
+        _training_table(results),
+        "## Figures\n",
+        "- `figures/per_class_iou.png`: per-class IoU per variant (1-shot, mean over test sets)",
+        "- `figures/training_curves.png`: training loss per step and validation mIoU per epoch",
+        "- `figures/qualitative.png`: support / query / prediction / ground truth examples",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame([r.as_dict() for r in rows], columns=CSV_COLUMNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(path, index=False, float_format="%.4f")
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def class_iou_by_variant(params: Params, results: dict, shots: int = 1) -> dict[str, dict[str, float]]:
+    """``{variant: {class name: IoU %}}``, mean over test sets, classes from each run's fold."""
+    out: dict[str, dict[str, float]] = {}
+    for (variant, _fold), res in results.items():
+        entry = res.shot(shots)
+        if not entry:
+            continue
+        means = entry.get("class_iou_mean")
+        if means is None:
+            seeds = [v["class_iou"] for k, v in entry.items() if k.startswith("seed") and isinstance(v, dict)]
+            names = {n for s in seeds for n in s}
+            means = {n: mean_std([s.get(n) for s in seeds])[0] for n in names}
+        for name, value in means.items():
+            if value is not None and not math.isnan(value):
+                out.setdefault(variant, {})[name] = value
+    return out
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global figure or backend state
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_per_class_iou(params: Params, results: dict, path: Path) -> Path:
+    shots = 1 if 1 in params.evaluate.shots else min(params.evaluate.shots)
+    data = class_iou_by_variant(params, results, shots)
+    names = sorted({n for d in data.values() for n in d}, key=class_id)
+    fig = _new_figure(max(8.0, 0.55 * len(names) + 2), 4.5)
+    ax = fig.add_subplot()
+    if not names:
+        ax.text(0.5, 0.5, "no per-class IoU in the metrics files", ha="center", va="center")
+        ax.set_axis_off()
+    else:
+        width = 0.8 / max(1, len(data))
+        for i, (variant, values) in enumerate(data.items()):
+            xs = [j + (i - (len(data) - 1) / 2) * width for j, n in enumerate(names) if n in values]
+            ys = [values[n] for n in names if n in values]
+            ax.bar(xs, ys, width=width, label=paper.method_label(variant))
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_ylabel("IoU (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"Per-class IoU, {shots}-shot, mean over test sets ({params.splits.protocol}, {params.data.source})")
+        ax.legend(fontsize="small", ncols=min(5, len(data)))
+        ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def _read_curve(path: Path | None, x: str, y: str):
+    if path is None:
+        return None
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if x not in frame or y not in frame or frame.empty:
+        return None
+    return frame[x].to_numpy(), frame[y].to_numpy(dtype=float)
+
+
+def plot_training_curves(params: Params, root: Path, path: Path) -> Path:
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    folds = list(params.train.folds)
+    fig = _new_figure(11, 2.8 * len(folds) + 0.5)
+    axes = fig.subplots(len(folds), 2, squeeze=False)
+    colours = {v: f"C{i}" for i, v in enumerate(params.train.variants)}
+    any_curve = False
+    for row, fold in enumerate(folds):
+        ax_loss, ax_val = axes[row]
+        for variant in params.train.variants:
+            loss_path, val_path = curve_paths(root, variant, fold)
+            loss = _read_curve(loss_path, "step", "loss")
+            if loss is not None:
+                steps, values = loss
+                window = max(1, len(values) // 50)
+                if window > 1:  # moving average: per-step loss is noisy
+                    values = np.convolve(values, np.ones(window) / window, mode="valid")
+                    steps = steps[window - 1 :]
+                ax_loss.plot(steps, values, color=colours[variant], label=paper.method_label(variant), lw=1)
+                any_curve = True
+            val = _read_curve(val_path, "epoch", "val_miou")
+            if val is not None:
+                ax_val.plot(*val, marker="o", ms=3, color=colours[variant], label=paper.method_label(variant))
+                any_curve = True
+        ax_loss.set_title(f"{split_name(fold)}: training loss")
+        ax_loss.set_xlabel("step")
+        ax_val.set_title(f"{split_name(fold)}: validation mIoU")
+        ax_val.set_xlabel("epoch")
+        ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_val.set_ylabel("mIoU (%)")
+        for ax in (ax_loss, ax_val):
+            ax.grid(alpha=0.3)
+            if ax.get_lines():
+                ax.legend(fontsize="x-small")
+    if not any_curve:
+        fig.suptitle("no training curves found under plots/train/")
+    return _save(fig, path)
+
+
+def qualitative_montage(params: Params, root: Path, path: Path, max_width: int = 1200) -> Path:
+    """One qualitative panel per variant, all from the same fold (the same episodes), stacked."""
+    from PIL import Image, ImageDraw
+
+    panels = []
+    for variant in params.train.variants:
+        for fold in params.train.folds:
+            src = qualitative_path(root, variant, fold)
+            if src.is_file():
+                panels.append((f"{paper.method_label(variant)}, {split_name(fold)}", src))
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not panels:
+        img = Image.new("RGB", (640, 80), "white")
+        ImageDraw.Draw(img).text((10, 30), "no qualitative panels in outputs/evaluate/", fill="black")
+        img.save(path)
+        return path
+    images = []
+    for caption, src in panels:
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            if im.width > max_width:
+                im = im.resize((max_width, round(im.height * max_width / im.width)), Image.Resampling.LANCZOS)
+            images.append((caption, im.copy()))
+    caption_h = 24
+    width = max(im.width for _, im in images)
+    height = sum(im.height + caption_h for _, im in images)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for caption, im in images:
+        draw.text((8, y + 6), caption, fill="black")
+        canvas.paste(im, (0, y + caption_h))
+        y += im.height + caption_h
+    canvas.save(path)
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
+    return path
+
+
+# --------------------------------------------------------------------------- summary metric
+
+
+def report_summary(params: Params, results: dict, tables: dict[str, list[Row]]) -> dict[str, Any]:
+    """``metrics/report.json``: per variant run, the mean-over-folds mIoU (and its std over test
+    sets) per shot count and the identical-input mIoU."""
+    summary: dict[str, Any] = {}
+    for variant in params.train.variants:
+        entry: dict[str, float] = {}
+        for shots in params.evaluate.shots:
+            getter = _shot_getter(results, variant, shots)
+            mean = _rows("", variant, shots, getter, None, params.train.folds)[-1]
+            if mean.ours_mean is not None:
+                entry[f"shot{shots}_miou"] = round(mean.ours_mean, 4)
+                if mean.ours_std is not None:
+                    entry[f"shot{shots}_miou_std"] = round(mean.ours_std, 4)
+        ident = [r for r in tables["table5"] if r.method == variant and r.split == "mean"]
+        if ident and ident[0].ours_mean is not None:
+            entry["identical_miou"] = round(ident[0].ours_mean, 4)
+        if entry:
+            summary[variant] = entry
+    summary["num_folds"] = len(params.train.folds)
+    return summary
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class ReportOutputs:
+    """Paths written by :func:`build_report`, and the numbers behind them."""
+
+    tables_md: Path
+    csvs: dict[str, Path]
+    figures: dict[str, Path]
+    summary_json: Path
+    summary: dict[str, Any]
+    tables: dict[str, list[Row]] = field(repr=False)
+
+    def files(self) -> list[Path]:
+        return [self.tables_md, *self.csvs.values(), *self.figures.values(), self.summary_json]
+
+
+def build_report(params: Params, root: str | Path = ".") -> ReportOutputs:
+    """Read the metrics of every (variant, fold) in params and write tables, CSVs, figures and
+    ``metrics/report.json`` under ``root``.  Raises :class:`MissingInputError` naming a missing
+    metrics file and the stage that writes it."""
+    root = Path(root)
+    results = load_results(params, root)
+    tables = table_rows(params, results)
+    reports = root / "reports"
+    figures_dir = reports / "figures"
+    reports.mkdir(parents=True, exist_ok=True)
+
+    tables_md = reports / "tables.md"
+    tables_md.write_text(render_markdown(params, results, tables))
+    csvs = {}
+    for name, rows in tables.items():
+        csvs[name] = reports / f"{name}.csv"
+        write_csv(rows, csvs[name])
+    figures = {
+        "per_class_iou": plot_per_class_iou(params, results, figures_dir / "per_class_iou.png"),
+        "training_curves": plot_training_curves(params, root, figures_dir / "training_curves.png"),
+        "qualitative": qualitative_montage(params, root, figures_dir / "qualitative.png"),
+    }
+    summary = report_summary(params, results, tables)
+    summary_json = root / "metrics" / "report.json"
+    summary_json.parent.mkdir(parents=True, exist_ok=True)
+    summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    return ReportOutputs(tables_md, csvs, figures, summary_json, summary, tables)

@@ -1,0 +1,63 @@
+"""DVC stage `report`: the paper's Tables 3, 4 and 5 beside our numbers, plus figures.
+
+Usage: python stages/report.py
+Reads metrics/evaluate/<variant>_fold<i>.json and metrics/train/<variant>_fold<i>.json for every
+variant and fold in params (train.variants x train.folds), the training curves under plots/train/
+and the qualitative panels under outputs/evaluate/.  Writes reports/tables.md,
+reports/table{3,4,5}.csv, reports/figures/{per_class_iou,training_curves,qualitative}.png and
+metrics/report.json; logs them to one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from simprop.params import Params
+from simprop.stage import run_stage
+
+STAGE = "report"
+
+
+def report(params: Params, root: Path) -> int:
+    from simprop.report import build_report
+    from simprop.tracking import stage_run
+
+    with stage_run(STAGE, params, repo_root=root) as run:
+        out = build_report(params, root)
+        run.log_metrics(out.summary)
+        run.log_artifact(out.tables_md, "reports")
+        for path in out.csvs.values():
+            run.log_artifact(path, "reports")
+        for path in out.figures.values():
+            run.log_artifact(path, "reports/figures")
+        run.log_artifact(out.summary_json, "metrics")
+    for variant, entry in out.summary.items():
+        if isinstance(entry, dict):
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in entry.items() if not k.endswith("_std"))
+            print(f"{STAGE}: {variant}: {shown}")
+    print(f"{STAGE}: wrote {out.tables_md}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".", help="repository root (metrics/, plots/, outputs/, reports/)")
+    args = parser.parse_args(argv)
+
+    def body(params: Params) -> int:
+        from simprop.report import StaleInputError
+
+        try:
+            return report(params, Path(args.root))
+        except StaleInputError as exc:  # the MLflow run is already marked FAILED
+            print(f"{STAGE}: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run_stage(STAGE, body, args.params)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
