@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 from simprop import paper
 from simprop.metrics import mean_std
 from simprop.params import Params
-from simprop.voc import VOC_CLASSES, class_id, split_name
+from simprop.voc import class_id, split_name
 
 DASH = "—"
 CSV_COLUMNS = ["table", "method", "shots", "split", "ours_mean", "ours_std", "paper", "diff", "note"]
