@@ -45,8 +45,8 @@ class SyntheticParams:
     def validate(self, key: str) -> None:
         _positive(self, key, "num_sbd_images", "num_voc_images")
         for name in ("width", "height"):
-            if getattr(self, name) < 32:
-                raise ParamsError(f"{key}.{name}: must be >= 32 pixels, got {getattr(self, name)}")
+            if getattr(self, name) < 96:  # the OSLSM filter samples a 32-pixel grid: 3 x 3 at least
+                raise ParamsError(f"{key}.{name}: must be >= 96 pixels, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
