@@ -71,14 +71,15 @@ def md5sum(path: Path, *, progress: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _check_md5(path: Path, expected: str, *, url: str, key: str, progress: bool) -> None:
+def _check_md5(path: Path, expected: str, *, dest: Path, url: str, key: str, progress: bool) -> None:
+    """Raise :class:`ChecksumError` (moving ``path`` to ``<dest>.md5-mismatch``) unless the md5 matches."""
     actual = md5sum(path, progress=progress)
     if actual == expected.lower():
         return
-    aside = path.with_name(path.name + ".md5-mismatch")
+    aside = dest.with_name(dest.name + ".md5-mismatch")
     os.replace(path, aside)
     raise ChecksumError(
-        f"{path.name}: md5 is {actual}, expected {expected.lower()} (data.{key}_md5).\n"
+        f"{dest.name}: md5 is {actual}, expected {expected.lower()} (data.{key}_md5).\n"
         f"  downloaded from: {url} (data.{key}_url)\n"
         f"  The file is not the expected archive: fix data.{key}_url (mirror?) or data.{key}_md5 in "
         f"params.yaml. It was moved to {aside} for inspection; delete it when done. Running the stage "
@@ -117,7 +118,7 @@ def fetch(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        _check_md5(dest, md5, url=url, key=key, progress=progress)
+        _check_md5(dest, md5, dest=dest, url=url, key=key, progress=progress)
         return dest
     part = dest.with_name(dest.name + ".part")
     for attempt in range(retries + 1):
@@ -131,12 +132,13 @@ def fetch(
                 ) from None
             have = part.stat().st_size if part.exists() else 0
             if attempt == retries:
+                why = str(exc) if isinstance(exc, _Interrupted) else f"{type(exc).__name__}: {exc}"
                 raise DownloadError(
-                    f"{url}: download interrupted ({type(exc).__name__}: {exc}) after {retries + 1} "
+                    f"{url}: download interrupted ({why}) after {retries + 1} "
                     f"attempts; {have} bytes are kept in {part}. Run the stage again to resume."
                 ) from None
             time.sleep(backoff * (attempt + 1))
-    _check_md5(part, md5, url=url, key=key, progress=progress)
+    _check_md5(part, md5, dest=dest, url=url, key=key, progress=progress)
     os.replace(part, dest)
     return dest
 

@@ -92,7 +92,9 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     try:
         mat = loadmat(path)
         label = np.asarray(mat["GTcls"][0]["Segmentation"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except FileNotFoundError:
+        raise LabelError(f"{path}: SBD class map is missing") from None
+    except Exception as exc:  # scipy raises many types (MatReadError, ValueError, KeyError, ...) for bad files
         raise LabelError(f"{path}: unreadable SBD class map ({type(exc).__name__}: {exc})") from None
     return check_label(label, path)
 

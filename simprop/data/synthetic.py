@@ -14,8 +14,9 @@ What makes few-shot segmentation a real task on it:
 * backgrounds come from four scene textures (sky, road, grass, indoor) whose choice correlates
   with the image's main class: the background cue that FBAF exploits exists;
 * object sizes vary from tiny to large, so the small-object filter drops some (image, class)
-  pairs. The main object of every image always passes both filters, and main classes are dealt
-  round-robin within each pool, so every class has test and training images in every fold.
+  pairs. The main object of every image always passes the OSLSM filter (and the PFENet one
+  unless the image is too small for it), and main classes are dealt round-robin within each
+  pool, so every class has test and training images in every fold.
 
 Set membership mimics the real archives: VOC images are split half train / half val (the
 val half is the PASCAL-5i test pool); about 77% of VOC images are also in SBD (from both
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from simprop.data.errors import DataError
 from simprop.data.filters import FILTERS, mask_passes
 from simprop.data.io import write_id_list
 from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR
@@ -301,10 +303,6 @@ def choose_scene(primary: int, rng: np.random.Generator) -> str:
     return others[int(rng.integers(len(others)))]
 
 
-def _passes_all(label: np.ndarray, cls: int) -> bool:
-    return all(mask_passes(label == cls, rule) for rule in FILTERS)
-
-
 def render_image(plan: ImagePlan, params) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(rgb uint8, SBD label, VOC label with void bands)`` of one planned image.
 
@@ -312,8 +310,9 @@ def render_image(plan: ImagePlan, params) -> tuple[np.ndarray, np.ndarray, np.nd
     small-object filter to drop), then either the main object alone near the centre or, with
     probability TWO_MAJOR_P, the main object and a second *major* object of another class side
     by side, in random depth order. Layouts are redrawn, growing, until the major objects pass
-    every small-object filter; after MAJOR_TRIES failures only the main object is required
-    (and drawn in front).
+    every small-object filter; after MAJOR_TRIES failures only the main object is required, and
+    after as many more only the OSLSM filter (on images too small for 2048 pixels of its shape),
+    with the object placed anywhere.
     """
     height, width = params.height, params.width
     side = min(height, width)
@@ -325,37 +324,44 @@ def render_image(plan: ImagePlan, params) -> tuple[np.ndarray, np.ndarray, np.nd
     minors, second = picked[:n_minor], picked[n_minor]
     two_major = rng.random() < TWO_MAJOR_P
     band = band_size(height, width)
-    scale = 1.0
-    for attempt in range(3 * MAJOR_TRIES):
-        if attempt == MAJOR_TRIES:  # give up on the second major object; keep the main one
-            two_major, scale = False, 1.0
-        image, label = scene.copy(), np.zeros((height, width), np.uint8)
-        for cls in minors:
-            radius = side * math.exp(rng.uniform(math.log(0.04), math.log(0.25)))
-            obj = _draw_object(rng, cls, radius, rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width,
-                               height, width)  # fmt: skip
-            if obj is not None:
+    phases = (  # (second major object?, filters the major objects must pass, tries, largest scale)
+        (two_major, FILTERS, MAJOR_TRIES, 1.7),
+        (False, FILTERS, MAJOR_TRIES, 1.7),
+        (False, ("oslsm",), 4 * MAJOR_TRIES, 1.7),  # too small an image for 2048 pixels of this shape
+    )
+    for with_second, rules, tries, max_scale in phases:
+        for attempt in range(tries):
+            scale = 1.0 + (max_scale - 1.0) * attempt / max(1, tries - 1)
+            image, label = scene.copy(), np.zeros((height, width), np.uint8)
+            for cls in minors:
+                radius = side * math.exp(rng.uniform(math.log(0.04), math.log(0.25)))
+                obj = _draw_object(rng, cls, radius, rng.uniform(0.1, 0.9) * height, rng.uniform(0.1, 0.9) * width,
+                                   height, width)  # fmt: skip
+                if obj is not None:
+                    _paint(image, label, obj, cls)
+            if with_second:
+                main_left = rng.random() < 0.5
+                left, right = rng.uniform(0.22, 0.36) * width, rng.uniform(0.64, 0.78) * width
+                majors = [(plan.primary, left if main_left else right), (second, right if main_left else left)]
+                if rng.random() < 0.5:
+                    majors.reverse()  # depth order: the main object is in front only half of the time
+                radius_range = (0.42, 0.54)
+            else:
+                majors = [(plan.primary, rng.uniform(0.35, 0.65) * width)]
+                radius_range = (0.3, 0.42)
+            cy_range = (0.4, 0.6) if rules is FILTERS else (0.25, 0.75)
+            for cls, cx in majors:
+                radius = side * scale * rng.uniform(*radius_range)
+                obj = _draw_object(rng, cls, radius, rng.uniform(*cy_range) * height, cx, height, width)
                 _paint(image, label, obj, cls)
-        if two_major:
-            main_left = rng.random() < 0.5
-            left, right = rng.uniform(0.22, 0.36) * width, rng.uniform(0.64, 0.78) * width
-            majors = [(plan.primary, left if main_left else right), (second, right if main_left else left)]
-            if rng.random() < 0.5:
-                majors.reverse()  # depth order: the main object is in front only half of the time
-            radius_range = (0.42, 0.54)
-        else:
-            majors = [(plan.primary, rng.uniform(0.35, 0.65) * width)]
-            radius_range = (0.3, 0.42)
-        for cls, cx in majors:
-            radius = side * scale * rng.uniform(*radius_range)
-            obj = _draw_object(rng, cls, radius, rng.uniform(0.4, 0.6) * height, cx, height, width)
-            _paint(image, label, obj, cls)
-        voc_label = with_boundary_bands(label, band)
-        if all(_passes_all(voc_label, cls) for cls, _ in majors):
-            rgb = np.clip(image, 0, 255).astype(np.uint8)
-            return rgb, label, voc_label
-        scale *= 1.08
-    raise RuntimeError(f"image {plan.image_id}: main object never passed the filters (a generator bug)")
+            voc_label = with_boundary_bands(label, band)
+            if all(mask_passes(voc_label == cls, rule) for cls, _ in majors for rule in rules):
+                rgb = np.clip(image, 0, 255).astype(np.uint8)
+                return rgb, label, voc_label
+    raise DataError(
+        f"generated image {plan.image_id}: its {STYLES[plan.primary].shape} never passed the OSLSM "
+        f"small-object filter at {width}x{height}; use a larger data.synthetic.width/height"
+    )
 
 
 # ---------------------------------------------------------------------------- writing
@@ -383,9 +389,22 @@ def _palette() -> tuple[int, ...]:
     return tuple(voc_palette())
 
 
-def _write_image(plan: ImagePlan, params, raw: Path) -> None:
+MAT_HEADER_TEXT = b"MATLAB 5.0 MAT-file, written by simprop.data.synthetic"
+
+
+def mat_file_bytes(variables: dict) -> bytes:
+    """A MATLAB v5 file (as SBD ships) with a fixed header text instead of the creation time,
+    so that the generated tree is byte-identical from run to run."""
     from scipy.io import savemat
 
+    buf = io.BytesIO()
+    savemat(buf, variables, do_compression=True)
+    data = bytearray(buf.getvalue())
+    data[:116] = MAT_HEADER_TEXT.ljust(116, b" ")  # the 116-byte descriptive text field
+    return bytes(data)
+
+
+def _write_image(plan: ImagePlan, params, raw: Path) -> None:
     rgb, label, voc_label = render_image(plan, params)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
@@ -393,8 +412,7 @@ def _write_image(plan: ImagePlan, params, raw: Path) -> None:
     (raw / VOC_SUBDIR / "JPEGImages" / f"{plan.image_id}.jpg").write_bytes(jpeg)
     if plan.sbd_split is not None:
         (raw / SBD_SUBDIR / "img" / f"{plan.image_id}.jpg").write_bytes(jpeg)
-        savemat(raw / SBD_SUBDIR / "cls" / f"{plan.image_id}.mat", {"GTcls": sbd_gtcls(label)},
-                do_compression=True)  # fmt: skip
+        (raw / SBD_SUBDIR / "cls" / f"{plan.image_id}.mat").write_bytes(mat_file_bytes({"GTcls": sbd_gtcls(label)}))
     if plan.voc_split is not None:
         mask = Image.fromarray(voc_label, mode="P")
         mask.putpalette(list(_palette()))

@@ -1,0 +1,174 @@
+"""Shared pytest fixtures.
+
+Data fixtures generate small trees of the embedded dataset once per session (seconds) and
+run the data library on them; tests that alter files work on copies. ``serve_files`` is a real
+HTTP server on 127.0.0.1 (with or without ``Range`` support, optionally dropping the
+connection once) for the download tests: only loopback traffic, no mocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+# CI hygiene for every test, also those that start dvc or mlflow in a subprocess.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# A generated tree big enough for 5-shot episodes in every fold, small enough to build in ~2 s.
+TINY_SYNTHETIC = {"num_sbd_images": 200, "num_voc_images": 240, "width": 128, "height": 96, "seed": 0}
+
+
+def tiny_params(**sections):
+    """The committed params with the tiny generated tree; ``sections`` replace whole sections."""
+    from simprop.params import SyntheticParams, load_params
+
+    params = load_params(REPO_ROOT / "params.yaml")
+    data = dataclasses.replace(params.data, synthetic=SyntheticParams(**TINY_SYNTHETIC), workers=2)
+    params = dataclasses.replace(params, data=data)
+    return dataclasses.replace(params, **sections) if sections else params
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic() -> dict:
+    """The ``data.synthetic`` section of a tiny generated tree (fresh copy per use)."""
+    return dict(TINY_SYNTHETIC)
+
+
+@pytest.fixture(scope="session")
+def data_pipeline(tmp_path_factory) -> tuple:
+    """``(layout, params, split metrics)`` of a tiny generated tree run through all data stages.
+
+    Shared by many tests: never modify it (copy what you need).
+    """
+    from simprop.data.augment import build_segmentation_class_aug
+    from simprop.data.download import prepare_raw
+    from simprop.data.episodes import build_episodes
+    from simprop.data.layout import DataLayout
+    from simprop.data.splits import build_splits
+
+    params = tiny_params()
+    layout = DataLayout(tmp_path_factory.mktemp("pipeline") / "data")
+    prepare_raw(layout, params.data, workers=2, progress=False)
+    build_segmentation_class_aug(layout, workers=2, progress=False)
+    metrics = build_splits(layout, params.splits, layout.root / "splits.json", workers=2, progress=False)
+    build_episodes(layout, params.splits.folds, params.episodes)
+    return layout, params, metrics
+
+
+@pytest.fixture
+def copy_tree(tmp_path):
+    """Copy a directory into this test's tmp_path and return the copy."""
+
+    def copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copytree(src, dst, symlinks=True)
+        return dst
+
+    return copy
+
+
+class FileServer:
+    """A ThreadingHTTPServer on 127.0.0.1 serving in-memory files.
+
+    ``range_support``: honour ``Range: bytes=N-`` with 206 (else always 200 with the whole file).
+    ``interrupt_after``: the next response is cut after that many bytes and the connection
+    closed (once). ``requests`` records ``(path, Range header)``; ``bytes_sent`` counts body bytes.
+    """
+
+    def __init__(self, files: dict[str, bytes], range_support: bool = True) -> None:
+        self.files = dict(files)
+        self.range_support = range_support
+        self.interrupt_after: int | None = None
+        self.requests: list[tuple[str, str | None]] = []
+        self.bytes_sent = 0
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base_url}/{name}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                name = self.path.lstrip("/")
+                range_header = self.headers.get("Range")
+                with server._lock:
+                    server.requests.append((name, range_header))
+                    cut, server.interrupt_after = server.interrupt_after, None
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404, "not found")
+                    return
+                start, status = 0, 200
+                match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
+                if server.range_support and match:
+                    start, status = int(match.group(1)), 206
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                body = data[start:]
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", "application/octet-stream")
+                if server.range_support:
+                    self.send_header("Accept-Ranges", "bytes")
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if cut is not None:
+                    body = body[:cut]
+                    self.close_connection = True
+                self.wfile.write(body)
+                self.wfile.flush()
+                with server._lock:
+                    server.bytes_sent += len(body)
+
+        return Handler
+
+
+@pytest.fixture
+def serve_files() -> Iterator:
+    """Start :class:`FileServer` instances: ``serve_files(files, range_support=True)``."""
+    servers: list[FileServer] = []
+
+    def start(files: dict[str, bytes], range_support: bool = True) -> FileServer:
+        server = FileServer(files, range_support)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
