@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from simprop.model.canet import CANetFusion
 from simprop.model.decoder import Decoder
-from simprop.model.encoder import BACKBONE_CHANNELS, FEATURE_CHANNELS, FeatureProjection, build_backbone
+from simprop.model.encoder import BACKBONE_CHANNELS, FeatureProjection, build_backbone
 from simprop.model.fbaf import FBAFFusion
 from simprop.model.ica import apply_input_channel_averaging
 from simprop.model.losses import upsample_logits
@@ -76,12 +76,13 @@ class SimPropNet(nn.Module):
         self.iom_iterations = params.iom_iterations
         self.backbone = build_backbone(params.backbone_weights, params.backbone_seed)
         self.backbone_no_grad = True  # benchmarks flip this to measure the cost of autograd
-        self.projection = FeatureProjection(BACKBONE_CHANNELS, FEATURE_CHANNELS, dropout=params.dropout)
+        channels = params.channels  # model.channels: 256 in the paper (FEATURE_CHANNELS, ASPP_CHANNELS)
+        self.projection = FeatureProjection(BACKBONE_CHANNELS, channels, dropout=params.dropout)
         if self.spec.fusion == "canet":
-            self.fusion: nn.Module = CANetFusion(FEATURE_CHANNELS, dropout=params.dropout)
+            self.fusion: nn.Module = CANetFusion(channels, dropout=params.dropout)
         else:
-            self.fusion = FBAFFusion(FEATURE_CHANNELS, history=params.iom_iterations > 0)
-        self.decoder = Decoder(self.fusion.out_channels, dropout=params.dropout)
+            self.fusion = FBAFFusion(channels, history=params.iom_iterations > 0)
+        self.decoder = Decoder(self.fusion.out_channels, channels=channels, dropout=params.dropout)
 
     # ------------------------------------------------------------------ properties / helpers
 
@@ -202,5 +203,9 @@ class SimPropNet(nn.Module):
 
 
 def build_model(variant: str, params: ModelParams | None = None) -> SimPropNet:
-    """The network of ``variant`` (one of :data:`VARIANTS`) configured by ``model.*`` params."""
+    """The network of ``variant`` (one of :data:`VARIANTS`) configured by ``model.*`` params.
+
+    ``model.channels`` sets the width of the encoder conv, the fusion and the ASPP (256 in
+    the paper); narrower networks are for CPU demos and tests.
+    """
     return SimPropNet(variant, params if params is not None else ModelParams())

@@ -1,0 +1,192 @@
+"""Backbone weight loading (local file, clear failures) and checkpoints (atomic, guarded)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from simprop.model import BackboneWeightsError, CheckpointError, build_model, load_checkpoint, save_checkpoint
+from simprop.model import encoder as encoder_module
+from simprop.model.encoder import build_backbone
+from simprop.params import ModelParams
+
+NARROW = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    torch.manual_seed(123)
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_backbone_weights_from_a_local_file(resnet_file):
+    backbone = build_backbone(str(resnet_file))
+    state = torch.load(resnet_file, weights_only=True)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert "fc.weight" in state and "layer4.0.conv1.weight" in state  # unused layers are ignored
+    assert backbone.checksum() != build_backbone("none").checksum()
+
+
+def test_random_backbone_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    a = build_backbone("none", seed=1)
+    got = torch.rand(3)
+    assert torch.equal(got, expected)
+    assert a.checksum() == build_backbone("none", seed=1).checksum()
+    assert a.checksum() != build_backbone("none", seed=2).checksum()
+
+
+def test_backbone_file_errors_name_the_file(tmp_path, resnet_file):
+    with pytest.raises(BackboneWeightsError, match="no such file"):
+        build_backbone(str(tmp_path / "missing.pth"))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(BackboneWeightsError, match="bad.pth"):
+        build_backbone(str(bad))
+    partial = {k: v for k, v in torch.load(resnet_file, weights_only=True).items() if not k.startswith("layer3")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(BackboneWeightsError, match=r"partial\.pth.*missing keys"):
+        build_backbone(str(tmp_path / "partial.pth"))
+    resnet18 = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(resnet18, tmp_path / "r18.pth")
+    with pytest.raises(BackboneWeightsError, match="not a torchvision ResNet-50"):
+        build_backbone(str(tmp_path / "r18.pth"))
+
+
+def test_imagenet_unreachable_fails_clearly(tmp_path, monkeypatch):
+    """No random fallback: an error that names the param and says how to give a local file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache: torchvision must download
+
+    def unreachable(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(BackboneWeightsError) as info:
+        build_model("canet", ModelParams(backbone_weights="imagenet"))
+    message = str(info.value)
+    assert "model.backbone_weights" in message
+    assert "path" in message and "none" in message
+    assert str(tmp_path) in message  # where torchvision's cache would be
+
+
+def _offline() -> bool:
+    try:
+        socket.getaddrinfo("download.pytorch.org", 443)
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not _offline(), reason="has internet: the real download would succeed (100 MB)")
+def test_imagenet_real_download_fails_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(encoder_module, "DOWNLOAD_TIMEOUT_S", 3.0)
+    with pytest.raises(BackboneWeightsError, match="model.backbone_weights=imagenet"):
+        build_backbone("imagenet")
+
+
+def _small_model(variant="simpropnet", **kw):
+    torch.manual_seed(0)
+    return build_model(variant, ModelParams(channels=NARROW, **kw))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _small_model(iom_iterations=1)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
+    path = save_checkpoint(
+        tmp_path / "models" / "best.pt", model, epoch=3, val_miou=np.float64(41.5), optimizer=opt.state_dict(), image_size=321
+    )
+    assert path.is_file() and not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    payload = torch.load(path, weights_only=True)
+    assert not any(k.startswith("backbone.") for k in payload["state_dict"])  # frozen weights not stored
+    loaded, meta = load_checkpoint(path, variant="simpropnet")
+    assert meta["epoch"] == 3 and meta["val_miou"] == 41.5 and meta["image_size"] == 321
+    assert "state" in meta["optimizer"]
+    assert not loaded.training and loaded.params == model.params
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    q, s, m = torch.randn(1, 3, 33, 33), torch.randn(1, 1, 3, 33, 33), torch.ones(1, 1, 33, 33)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(q, s, m)["query"], model(q, s, m)["query"])
+
+
+def test_checkpoint_from_a_weights_file(tmp_path, resnet_file):
+    model = build_model("canet", ModelParams(channels=NARROW, backbone_weights=str(resnet_file)))
+    save_checkpoint(tmp_path / "c.pt", model)
+    loaded, _ = load_checkpoint(tmp_path / "c.pt", expected_variant="canet")
+    assert loaded.backbone.checksum() == model.backbone.checksum()
+
+
+def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
+    model = _small_model()
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, epoch=1)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, epoch=2)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    model = _small_model("dpr")
+    path = save_checkpoint(tmp_path / "best.pt", model, epoch=1)
+
+    with pytest.raises(CheckpointError, match=r"missing\.pt does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt is corrupt or truncated"):
+        load_checkpoint(truncated)
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(garbage)
+
+    foreign = tmp_path / "foreign.pt"
+    torch.save(model.state_dict(), foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pt is not a simprop checkpoint"):
+        load_checkpoint(foreign)
+
+    with pytest.raises(CheckpointError, match=r"holds a 'dpr' model, expected 'fbaf'"):
+        load_checkpoint(path, variant="fbaf")
+    with pytest.raises(CheckpointError, match="expected 'canet'"):
+        load_checkpoint(path, expected_variant="canet")
+
+    payload = torch.load(path, weights_only=True)
+    payload["model_params"]["backbone_seed"] = 99  # a different random backbone
+    torch.save(payload, tmp_path / "other_backbone.pt")
+    with pytest.raises(CheckpointError, match=r"other_backbone\.pt: the backbone .* differs"):
+        load_checkpoint(tmp_path / "other_backbone.pt")
