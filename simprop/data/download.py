@@ -174,9 +174,12 @@ def _download_to_part(url: str, part: Path, *, timeout: float, progress: bool) -
         first, total = _content_range(response.headers.get("Content-Range"))
         length = response.headers.get("Content-Length")
         length = int(length) if length and length.isdigit() else None
-        if have and response.status == 206 and first == have:
+        if response.status == 206 and first != have:  # a range we did not ask for: start afresh
+            part.unlink(missing_ok=True)
+            raise _Interrupted(f"server answered bytes from {first} to a request from {have}; restarting")
+        if response.status == 206:
             mode, start = "ab", have
-        else:  # 200: the server ignored Range; start again from byte 0
+        else:  # 200: no partial file, or the server ignored Range; (re)start from byte 0
             mode, start, total = "wb", 0, length
         received = 0
         with open(part, mode) as fh, progress_bar(
