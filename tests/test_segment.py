@@ -251,3 +251,19 @@ def test_failure_mid_batch_leaves_the_output_folder_as_it_was(checkpoint, inputs
     with pytest.raises(RuntimeError, match="simulated"):
         _run(checkpoint, inputs, batch_size=2)
     assert sorted(os.listdir(out)) == ["keep.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_a_gpu_without_one_is_a_clear_error(checkpoint, inputs):
+    with pytest.raises(SegmentError, match="no CUDA GPU is available here; use --device cpu"):
+        _run(checkpoint, inputs, device="cuda")
+    _assert_nothing_written(inputs["out"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_gives_the_cpu_masks(checkpoint, inputs, tmp_path):
+    cpu = _run(checkpoint, inputs, out_dir=tmp_path / "cpu")
+    gpu = _run(checkpoint, inputs, out_dir=tmp_path / "gpu", device="cuda")
+    for a, b in zip(cpu, gpu):
+        agree = (np.asarray(Image.open(a.mask)) == np.asarray(Image.open(b.mask))).mean()
+        assert agree > 0.99
