@@ -235,6 +235,9 @@ def test_error_overlap_stage_is_skipped_without_supervised_weights(repo, capsys)
     metrics = json.loads((repo / "metrics" / "analysis" / "error_overlap.json").read_text())
     assert metrics["skipped"] is True and "'none'" in metrics["reason"]
     assert "skipped" in capsys.readouterr().out
+    report = repo / "reports" / "analysis"
+    assert "Skipped" in (report / "error_overlap.md").read_text()
+    assert (report / "error_overlap.csv").read_text().startswith("class_id,class,episodes")
     (run,) = _runs(repo, "analysis_error_overlap")
     assert run.info.status == "FINISHED" and run.data.tags["skipped"] == "true"
 

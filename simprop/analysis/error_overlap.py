@@ -231,7 +231,7 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
             full = F.interpolate(logits[k : k + 1].float(), size=label.shape, mode="bilinear", align_corners=True)
             fss_pred = full.argmax(1)[0].cpu().numpy().astype(bool)
             if e.query not in sup_cache:
-                sup_cache[e.query] = np.asarray(supervised(store.raw_image(e.query)))
+                sup_cache[e.query] = np.asarray(supervised(store.raw_image(e.query)), dtype=np.uint8)
             sup_pred = sup_cache[e.query] == e.cls
             counts.add(fss_pred, sup_pred, label, e.cls)
             per_class_counts.setdefault(e.cls, OverlapCounts()).add(fss_pred, sup_pred, label, e.cls)
@@ -277,11 +277,12 @@ CLASS_COLUMNS = ("class_id", "class", "episodes", "fn_overlap", "fp_overlap", "f
 
 def write_error_overlap(result: dict[str, Any], metrics_path: Path, report_dir: Path) -> list[Path]:
     written = [write_json(metrics_path, result)]
+    # the CSV is written (header only) even when skipped, so the stage's outputs always exist
+    written.append(write_csv(report_dir / "error_overlap.csv", result.get("per_class", []), CLASS_COLUMNS))
     if result.get("skipped"):
         text = f"# Error overlap with a supervised model (paper Table 1)\n\nSkipped: {result['reason']}.\n"
         written.append(write_text(report_dir / "error_overlap.md", text))
         return written
-    written.append(write_csv(report_dir / "error_overlap.csv", result["per_class"], CLASS_COLUMNS))
     rows = [
         (f"{result['variant']} (this run)", result["fn_overlap"], result["fp_overlap"], result["tp_gap"]),
         ("CANet (paper, vs DeepLab v3+)", PAPER_CANET["fn_overlap"], PAPER_CANET["fp_overlap"], PAPER_CANET["tp_gap"]),
