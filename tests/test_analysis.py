@@ -153,6 +153,7 @@ def repo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     _write_tree(root)
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"].update(backbone_weights="none", backbone_seed=0)  # random backbone, whatever params.yaml says
     raw["splits"]["folds"] = [0]
     raw["train"]["folds"] = [0]
     raw["evaluate"].update(image_size=IMAGE_SIZE, batch_size=4, device="cpu")
