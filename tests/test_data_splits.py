@@ -6,7 +6,6 @@ import dataclasses
 import json
 
 import numpy as np
-import pytest
 
 from simprop.data.filters import class_pixel_counts, kept_classes, mask_passes, oslsm_grid
 from simprop.data.io import read_id_list, read_pairs
