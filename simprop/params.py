@@ -106,13 +106,34 @@ class EpisodesParams:
 
 
 @dataclass(frozen=True)
+class BackboneParams:
+    """The ``backbone`` stage: which frozen ResNet-50 weights to materialise at ``path``."""
+
+    source: str = "imagenet"  # imagenet | random | path to a torchvision ResNet-50 state dict
+    seed: int = 0
+    calibration_images: int = 160  # random source only: images for BatchNorm statistics
+    path: str = "models/backbone/resnet50.pt"
+
+    def validate(self, key: str) -> None:
+        if not self.source:
+            raise ParamsError(f"{key}.source: use 'imagenet', 'random' or a file path")
+        if self.source == "random" and self.calibration_images < 1:
+            raise ParamsError(f"{key}.calibration_images: must be >= 1 for a random backbone")
+        if not self.path:
+            raise ParamsError(f"{key}.path: must not be empty")
+
+
+@dataclass(frozen=True)
 class ModelParams:
     backbone_weights: str = "none"  # imagenet | none | path to a ResNet-50 state dict
     backbone_seed: int = 0  # initialises a random backbone when backbone_weights is none
     iom_iterations: int = 0  # CANet's iterative optimisation; 0 disables
     dropout: float = 0.5
+    channels: int = 256  # width of the shared encoder conv, fusion and ASPP (256 in the paper)
 
     def validate(self, key: str) -> None:
+        if self.channels < 8:
+            raise ParamsError(f"{key}.channels: must be >= 8, got {self.channels}")
         if self.iom_iterations < 0:
             raise ParamsError(f"{key}.iom_iterations: must be >= 0, got {self.iom_iterations}")
         if not 0.0 <= self.dropout < 1.0:
@@ -242,6 +263,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     splits: SplitsParams = field(default_factory=SplitsParams)
     episodes: EpisodesParams = field(default_factory=EpisodesParams)
+    backbone: BackboneParams = field(default_factory=BackboneParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)

@@ -1,0 +1,213 @@
+"""Loading images, labels, split lists and episode files for training and evaluation.
+
+The data stages (:mod:`simprop.data`) write plain files; this module turns them
+into normalised tensors.  Labels follow protocol.md §4: for target class ``c``
+foreground is ``label == c``, 255 is ignored, everything else is background.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+
+
+class DataError(RuntimeError):
+    """An input file is missing, unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """Where the data stages put things (docs/architecture.md)."""
+
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+
+    @property
+    def labels(self) -> Path:
+        return self.root / "SegmentationClassAug"
+
+    def image(self, image_id: str) -> Path:
+        return self.images / f"{image_id}.jpg"
+
+    def label(self, image_id: str) -> Path:
+        return self.labels / f"{image_id}.png"
+
+    def split(self, fold: int, name: str) -> Path:
+        return self.root / "splits" / f"fold{fold}" / f"{name}.csv"
+
+    def episodes(self, fold: int, name: str) -> Path:
+        return self.root / "episodes" / f"fold{fold}" / f"{name}.csv"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features"
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB image as uint8 [H, W, 3]; a clear error for a missing or unreadable file."""
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found; rerun the data stages (dvc repro episodes)") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc}); delete it and rerun the data stages") from None
+
+
+def read_label(path: Path) -> np.ndarray:
+    """A class-index label map as uint8 [H, W] (palette indices kept, 255 = void)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L"):
+                raise DataError(
+                    f"{path}: label PNG has mode {img.mode}; expected a palette or single-channel "
+                    "PNG of class indices"
+                )
+            return np.array(img)
+    except FileNotFoundError:
+        raise DataError(f"{path}: label not found; rerun the data stages (dvc repro augment)") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read label ({exc}); delete it and rerun the data stages") from None
+
+
+def read_pairs(path: Path) -> list[tuple[str, int]]:
+    """An ``image,class`` split list."""
+    rows = _read_csv(path, required=("image", "class"))
+    return [(row["image"], int(row["class"])) for row in rows]
+
+
+@dataclass(frozen=True)
+class Episode:
+    index: int
+    query: str
+    cls: int
+    supports: tuple[str, ...]
+
+
+def read_episodes(path: Path, shots: int) -> list[Episode]:
+    """Episodes with the first ``shots`` supports (1-shot uses ``support1``)."""
+    columns = tuple(f"support{k}" for k in range(1, shots + 1))
+    rows = _read_csv(path, required=("episode", "query", "class", *columns))
+    return [
+        Episode(int(row["episode"]), row["query"], int(row["class"]), tuple(row[c] for c in columns))
+        for row in rows
+    ]
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; run the stage that writes it (dvc repro)")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; regenerate it with dvc repro")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no rows; check the split/episode parameters and rerun dvc repro")
+    return rows
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def normalise(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float [3, H, W] with ImageNet mean/std."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """[3, H, W] -> [3, size, size] (bilinear), as CANet feeds square inputs."""
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=True)[0]
+
+
+def resize_label(label: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """[H, W] class indices -> [size, size] (nearest; never blends class ids)."""
+    t = label.to(torch.uint8) if isinstance(label, torch.Tensor) else torch.tensor(np.asarray(label), dtype=torch.uint8)
+    return F.interpolate(t[None, None].float(), size=(size, size), mode="nearest")[0, 0].to(torch.uint8)
+
+
+def binary_target(label: torch.Tensor, cls: int) -> torch.Tensor:
+    """Class-index label -> {0, 1, 255} long target for class ``cls``."""
+    target = (label == cls).long()
+    target[label == IGNORE_INDEX] = IGNORE_INDEX
+    return target
+
+
+def support_mask(label: torch.Tensor, cls: int) -> torch.Tensor:
+    """Class-index label -> float {0, 1} mask (void pixels are not foreground)."""
+    return (label == cls).float()
+
+
+class ImageStore:
+    """Loads (and memoises) images resized to the network input and labels at full size.
+
+    Memoisation keeps each image decoded once per process; the default synthetic
+    dataset is small, and the paper setup uses DataLoader workers instead.
+    """
+
+    def __init__(self, paths: DataPaths, image_size: int, memoise: bool = True):
+        self.paths = paths
+        self.image_size = image_size
+        self.memoise = memoise
+        self._images: dict[str, torch.Tensor] = {}
+        self._labels: dict[str, np.ndarray] = {}
+
+    def image(self, image_id: str) -> torch.Tensor:
+        if image_id in self._images:
+            return self._images[image_id]
+        tensor = resize_image(normalise(read_image(self.paths.image(image_id))), self.image_size)
+        if self.memoise:
+            self._images[image_id] = tensor
+        return tensor
+
+    def label(self, image_id: str) -> np.ndarray:
+        """The full-resolution class-index label."""
+        if image_id in self._labels:
+            return self._labels[image_id]
+        label = read_label(self.paths.label(image_id))
+        if self.memoise:
+            self._labels[image_id] = label
+        return label
+
+    def raw_image(self, image_id: str) -> np.ndarray:
+        return read_image(self.paths.image(image_id))
+
+
+def augment_support(
+    image: torch.Tensor, label: torch.Tensor, scale_min: float, scale_max: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CANet's support augmentation: random scale, random crop back to size, horizontal flip."""
+    size = image.shape[-1]
+    scale = float(rng.uniform(scale_min, scale_max))
+    new = max(size, int(round(size * scale)))
+    if new > size:
+        image = F.interpolate(image[None], size=(new, new), mode="bilinear", align_corners=True)[0]
+        label = F.interpolate(label[None, None].float(), size=(new, new), mode="nearest")[0, 0].to(torch.uint8)
+        top = int(rng.integers(0, new - size + 1))
+        left = int(rng.integers(0, new - size + 1))
+        image = image[:, top : top + size, left : left + size]
+        label = label[top : top + size, left : left + size]
+    if rng.random() < 0.5:
+        image = image.flip(-1)
+        label = label.flip(-1)
+    return image.contiguous(), label.contiguous()

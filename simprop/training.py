@@ -1,0 +1,361 @@
+"""Episodic training of one variant on one PASCAL-5i fold (paper §3.6, protocol.md §6).
+
+* SGD with momentum and weight decay on the trainable parameters only (the
+  ResNet-50 layers are frozen, their BatchNorm in eval mode).
+* Each training sample is a query (image, class) pair of the fold's training
+  classes with one support image of the same class (never the query itself);
+  CANet's support augmentation (scale, crop, flip) when ``train.augment``.
+* ICA (``simpropnet``): per-sample channel averaging of the query with the
+  exponentially decaying probability of :func:`simprop.model.ica.ica_probability`.
+* The checkpoint is selected on the *validation* episodes (training-pool images
+  of the fold's test classes, never the test episodes).
+* Resumable: ``last.pt`` is written atomically after every epoch with the
+  optimiser state and history; all randomness of epoch ``e`` is derived from
+  ``(train.seed, e)``, so a resumed run continues exactly where a killed one
+  stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from simprop.datasets import (
+    DataPaths,
+    ImageStore,
+    augment_support,
+    binary_target,
+    read_episodes,
+    read_pairs,
+    resize_label,
+    support_mask,
+)
+from simprop.evaluation import EpisodeRunner, resolve_device, write_json
+from simprop.features import FeatureCache, open_feature_cache
+from simprop.model import VARIANTS as VARIANT_SPECS
+from simprop.model import build_model, dual_prediction_loss, save_checkpoint
+from simprop.model.ica import apply_input_channel_averaging, ica_probability
+from simprop.params import Params
+
+STATE_FILE = "state.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """Where one (variant, fold) training writes its outputs (docs/architecture.md)."""
+
+    root: Path
+    variant: str
+    fold: int
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "models" / self.variant / f"fold{self.fold}"
+
+    @property
+    def best(self) -> Path:
+        return self.model_dir / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.model_dir / "last.pt"
+
+    @property
+    def state(self) -> Path:
+        return self.model_dir / STATE_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics" / "train" / f"{self.variant}_fold{self.fold}.json"
+
+    @property
+    def loss_curve(self) -> Path:
+        return self.root / "plots" / "train" / "loss" / f"{self.variant}_fold{self.fold}.csv"
+
+    @property
+    def val_curve(self) -> Path:
+        return self.root / "plots" / "train" / "val" / f"{self.variant}_fold{self.fold}.csv"
+
+
+def run_fingerprint(params: Params, variant: str, fold: int) -> str:
+    """What a checkpoint must share with the current params to be resumed.
+
+    Everything that shapes training except ``train.epochs`` (raising the epoch
+    count continues a finished run) and devices/worker counts.
+    """
+    train = params.to_dict()["train"]
+    for key in ("epochs", "device", "num_workers", "variants", "folds"):
+        train.pop(key)
+    relevant = {
+        "variant": variant,
+        "fold": fold,
+        "train": train,
+        "model": params.to_dict()["model"],
+        "data": params.to_dict()["data"],
+        "splits": params.to_dict()["splits"],
+        "episodes": params.to_dict()["episodes"],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
+    np_rng = np.random.default_rng([seed, epoch])
+    torch_rng = torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
+    return np_rng, torch_rng
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)  # replaces (never writes through) DVC's hard-linked cache files
+
+
+def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains ``variant`` on ``fold``; :meth:`run` returns the training summary."""
+
+    def __init__(self, params: Params, variant: str, fold: int, root: Path, tracker=None):
+        self.params = params
+        self.variant = variant
+        self.fold = fold
+        self.root = Path(root)
+        self.tracker = tracker
+        self.spec = VARIANT_SPECS[variant]
+        self.paths = TrainPaths(self.root, variant, fold)
+        self.device = resolve_device(params.train.device)
+        self.data = DataPaths(self.root / params.data.root)
+        tp = params.train
+        self.store = ImageStore(self.data, tp.image_size)
+        self.pairs = read_pairs(self.data.split(fold, "train"))
+        self.by_class: dict[int, list[str]] = {}
+        for image, cls in self.pairs:
+            self.by_class.setdefault(cls, []).append(image)
+        for cls, images in sorted(self.by_class.items()):
+            if len(set(images)) < 2:
+                raise RuntimeError(
+                    f"{self.data.split(fold, 'train')}: class {cls} has fewer than 2 images, so no support "
+                    "different from the query exists; use more data or a looser small-object filter"
+                )
+        self.val_episodes = read_episodes(self.data.episodes(fold, "val"), 1)
+        self.model = build_model(variant, params.model).to(self.device)
+        self.cache: FeatureCache | None = None
+        if tp.cache_backbone_features:
+            self.cache = open_feature_cache(params, self.root, tp.image_size, self.model.backbone.checksum())
+            if self.cache is None:
+                raise RuntimeError(
+                    f"train.cache_backbone_features is true but {self.data.features} holds no cache for "
+                    f"image size {tp.image_size}; run `dvc repro features` first"
+                )
+        self.optimizer = torch.optim.SGD(
+            self.model.trainable_parameters(), lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay
+        )
+        self.fingerprint = run_fingerprint(params, variant, fold)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tp.amp and self.device.type == "cuda")
+
+    # ------------------------------------------------------------------ state
+
+    def _resume(self) -> tuple[int, dict]:
+        """The next epoch to run and the history so far (fresh start if nothing matches)."""
+        history = {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
+        if not self.paths.last.is_file():
+            return 0, history
+        try:
+            state = torch.load(self.paths.last, map_location=self.device, weights_only=False)
+        except Exception as exc:  # a torn file from a kill during the (atomic) replace is impossible,
+            print(f"ignoring unreadable {self.paths.last} ({exc}); starting from scratch")  # but be safe
+            return 0, history
+        if state.get("fingerprint") != self.fingerprint:
+            print(f"{self.paths.last} was trained with other params; starting from scratch")
+            return 0, history
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            print(f"{self.paths.last} does not fit this network; starting from scratch")
+            return 0, {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
+        self.optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
+        history["resumed_from"] = state["epoch"] + 1
+        print(f"resuming {self.variant} fold {self.fold} after completed epoch {state['epoch'] + 1}")
+        return state["epoch"] + 1, history
+
+    def _save_last(self, epoch: int, history: dict) -> None:
+        _atomic_torch_save(
+            {
+                "epoch": epoch,
+                "fingerprint": self.fingerprint,
+                "model": self.model.trainable_state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "history": history,
+            },
+            self.paths.last,
+        )
+        state = {
+            "variant": self.variant,
+            "fold": self.fold,
+            "completed_epochs": epoch + 1,
+            "epochs": self.params.train.epochs,
+            "fingerprint": self.fingerprint,
+            "resumed_from": history.get("resumed_from"),
+        }
+        write_json(self.paths.state, state)
+
+    # ------------------------------------------------------------------ batches
+
+    def _batch(self, items: list[tuple[str, int]], rng: np.random.Generator, torch_rng: torch.Generator, p_ica: float):
+        tp = self.params.train
+        size = tp.image_size
+        support_ids, q_targets, s_masks, s_targets, s_images = [], [], [], [], []
+        for query, cls in items:
+            candidates = [i for i in self.by_class[cls] if i != query]
+            support = candidates[int(rng.integers(len(candidates)))]
+            support_ids.append(support)
+            q_targets.append(binary_target(resize_label(self.store.label(query), size), cls))
+            s_label = resize_label(self.store.label(support), size)
+            if tp.augment:
+                s_image, s_label = augment_support(self.store.image(support), s_label, tp.scale_min, tp.scale_max, rng)
+                s_images.append(s_image)
+            s_masks.append(support_mask(s_label, cls))
+            s_targets.append(binary_target(s_label, cls))
+        query_ids = [q for q, _ in items]
+        use_ica = self.spec.ica and p_ica > 0
+        gray = (torch.rand(len(items), generator=torch_rng) < p_ica) if use_ica else torch.zeros(len(items), dtype=torch.bool)
+        batch = {
+            "query_labels": torch.stack(q_targets).to(self.device),
+            "support_labels": torch.stack(s_targets)[:, None].to(self.device),
+            "support_masks": torch.stack(s_masks)[:, None].to(self.device),
+            "ica_fraction": float(gray.float().mean()),
+        }
+        if self.cache is not None:
+            color = self.cache.get(query_ids)
+            if gray.any():
+                averaged = self.cache.get(query_ids, gray=True)
+                color[gray] = averaged[gray]
+            batch["query_feats"] = color.to(self.device)
+            batch["support_feats"] = self.cache.get(support_ids)[:, None].to(self.device)
+        else:
+            queries = torch.stack([self.store.image(q) for q in query_ids])
+            if gray.any():
+                queries[gray] = apply_input_channel_averaging(queries[gray], p=1.0)
+            batch["query_img"] = queries.to(self.device)
+            supports = s_images if tp.augment else [self.store.image(s) for s in support_ids]
+            batch["support_imgs"] = torch.stack(supports)[:, None].to(self.device)
+        return batch
+
+    def _step(self, batch: dict) -> float:
+        size = self.params.train.image_size
+        inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats") if k in batch}
+        with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
+            outputs = self.model(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
+            loss = dual_prediction_loss(
+                outputs, batch["query_labels"], batch["support_labels"] if self.spec.dual_prediction else None
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ loop
+
+    def validate(self) -> float:
+        runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache)
+        miou = runner.evaluate(self.val_episodes, desc="validation").miou() * 100.0
+        self.model.train()
+        return miou
+
+    def run(self, stop_after_epoch: int | None = None) -> dict:
+        tp = self.params.train
+        start_epoch, history = self._resume()
+        started = time.perf_counter()
+        per_epoch = tp.iterations_per_epoch or math.ceil(len(self.pairs) / tp.batch_size)
+        self.model.train()
+        for epoch in range(start_epoch, tp.epochs):
+            np_rng, torch_rng = _epoch_generators(tp.seed, epoch)
+            torch.manual_seed(int(np_rng.integers(0, 2**62)))  # dropout
+            p_ica = ica_probability(epoch, tp.ica_initial_p, tp.ica_decay) if self.spec.ica else 0.0
+            order = np_rng.permutation(len(self.pairs))
+            needed = per_epoch * tp.batch_size
+            order = np.resize(order, needed)  # repeats the permutation when iterations exceed one pass
+            losses = []
+            bar = tqdm(range(per_epoch), desc=f"{self.variant} fold{self.fold} epoch {epoch + 1}/{tp.epochs}", unit="it", leave=False)
+            for it in bar:
+                items = [self.pairs[i] for i in order[it * tp.batch_size : (it + 1) * tp.batch_size]]
+                loss = self._step(self._batch(items, np_rng, torch_rng, p_ica))
+                step = epoch * per_epoch + it
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{self.variant} fold {self.fold}: loss is {loss} at epoch {epoch + 1}, step {step} "
+                        f"(train.lr = {tp.lr}); lower train.lr or check the data, then rerun dvc repro"
+                    )
+                losses.append((step, loss))
+                bar.set_postfix(loss=f"{loss:.4f}")
+            history["loss"].extend(losses)
+            record = {"epoch": epoch + 1, "loss": float(np.mean([v for _, v in losses])), "ica_p": p_ica}
+            if (epoch + 1) % tp.val_every == 0 or epoch + 1 == tp.epochs:
+                val = self.validate()
+                record["val_miou"] = val
+                history["val"].append((epoch + 1, val))
+                if val > history["best_val_miou"]:
+                    history["best_val_miou"], history["best_epoch"] = val, epoch + 1
+                    save_checkpoint(
+                        self.paths.best, self.model, epoch=epoch + 1, val_miou=val,
+                        image_size=tp.image_size, fold=self.fold, fingerprint=self.fingerprint,
+                    )  # fmt: skip
+            if self.tracker is not None:
+                self.tracker.log_history("train_loss", [st for st, _ in losses], [v for _, v in losses])
+                self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+            print(json.dumps(record))
+            self._save_last(epoch, history)
+            self._write_curves(history)
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        return self._summary(history, time.perf_counter() - started)
+
+    def _write_curves(self, history: dict) -> None:
+        _write_csv(self.paths.loss_curve, ("step", "loss"), [tuple(r) for r in history["loss"]])
+        _write_csv(self.paths.val_curve, ("epoch", "val_miou"), [tuple(r) for r in history["val"]])
+
+    def _summary(self, history: dict, wall_time: float) -> dict:
+        last_losses = [v for _, v in history["loss"][-50:]]
+        summary = {
+            "variant": self.variant,
+            "fold": self.fold,
+            "epochs": self.params.train.epochs,
+            "best_val_miou": history["best_val_miou"],
+            "best_epoch": history["best_epoch"],
+            "final_loss": float(np.mean(last_losses)) if last_losses else None,
+            "first_loss": history["loss"][0][1] if history["loss"] else None,
+            "steps": len(history["loss"]),
+            "resumed_from_epoch": history.get("resumed_from"),
+            "wall_time_s": round(wall_time, 2),
+            "device": str(self.device),
+            "val_episodes": len(self.val_episodes),
+        }
+        write_json(self.paths.metrics, summary)
+        return summary

@@ -1,0 +1,81 @@
+"""DVC stage `evaluate@<variant>-<fold>`: score the selected checkpoint on the test episodes.
+
+Usage: python stages/evaluate.py --variant simpropnet --fold 0
+For each test seed and shot count: mIoU, FB-IoU and per-class IoU at the original
+label resolution (255 ignored); the identical-input test (paper Table 5); and two
+reference predictors on the first test set (all-foreground, the untrained network).
+Writes metrics/evaluate/<variant>_fold<i>.json and
+outputs/evaluate/<variant>_fold<i>/qualitative.png; logs everything to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from simprop.params import Params, ParamsError
+from simprop.stage import run_stage
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    def body(params: Params) -> int:
+        if args.variant not in params.train.variants or args.fold not in params.train.folds:
+            raise ParamsError(
+                f"train.variants/train.folds: ({args.variant}, fold {args.fold}) is not in the params lists"
+            )
+        import torch
+
+        from simprop.evaluation import evaluate_model, qualitative_rows, resolve_device, write_json
+        from simprop.features import open_feature_cache
+        from simprop.model import build_model, load_checkpoint
+        from simprop.tracking import stage_run
+        from simprop.training import TrainPaths
+        from simprop.visualize import save_qualitative
+
+        root = Path(".")
+        device = resolve_device(params.evaluate.device)
+        paths = TrainPaths(root, args.variant, args.fold)
+        model, meta = load_checkpoint(paths.best, map_location=device, expected_variant=args.variant)
+        torch.manual_seed(params.train.seed)
+        untrained = build_model(args.variant, params.model).to(device).eval()
+        cache = open_feature_cache(params, root, params.evaluate.image_size, model.backbone.checksum())
+        out = root / "metrics" / "evaluate" / f"{args.variant}_fold{args.fold}.json"
+        figure = root / "outputs" / "evaluate" / f"{args.variant}_fold{args.fold}" / "qualitative.png"
+        shots = ",".join(str(s) for s in params.evaluate.shots)
+        with stage_run("evaluate", params, variant=args.variant, fold=args.fold, shots=shots) as run:
+            run.set_tags({"checkpoint_epoch": meta.get("epoch"), "checkpoint_val_miou": meta.get("val_miou")})
+            record, runner = evaluate_model(
+                params, model, args.variant, args.fold, root, device, cache, untrained=untrained, log=run.log_metrics
+            )
+            record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
+            write_json(out, record)
+            rows = qualitative_rows(params, runner, args.fold, root, params.report.num_qualitative)
+            if rows:
+                save_qualitative(rows, figure, title=f"{args.variant}, {params.splits.protocol} fold {args.fold}, 1-shot")
+            else:
+                figure.parent.mkdir(parents=True, exist_ok=True)
+            for shot in params.evaluate.shots:
+                entry = record[f"shot{shot}"]
+                run.log_metrics({f"shot{shot}_miou_mean": entry["miou_mean"], f"shot{shot}_miou_std": entry["miou_std"],
+                                 f"shot{shot}_fbiou_mean": entry["fbiou_mean"]})
+            if "identical" in record:
+                run.log_metrics({"identical_miou": record["identical"]["miou"]})
+            run.log_metrics({k: v for k, v in record["reference"].items() if v is not None})
+            run.log_artifact(out)
+            if figure.is_file():
+                run.log_artifact(figure)
+        summary = ", ".join(f"{s}-shot mIoU {record[f'shot{s}']['miou_mean']:.2f}" for s in params.evaluate.shots)
+        print(f"{args.variant} fold {args.fold}: {summary}")
+        return 0
+
+    return run_stage(f"evaluate {args.variant} fold {args.fold}", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
