@@ -1,0 +1,43 @@
+"""The two setups: params.yaml is the composed default, `setup=paper` composes a valid paper setup."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from simprop.params import params_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def composed(*overrides: str) -> dict:
+    with initialize_config_dir(str(ROOT / "conf"), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
+def test_params_yaml_is_the_composed_default_setup():
+    assert composed() == yaml.safe_load((ROOT / "params.yaml").read_text()), (
+        "params.yaml and conf/config.yaml differ; run python3 conf/sync.py"
+    )
+
+
+def test_paper_setup_composes_to_valid_params():
+    params = params_from_dict(composed("setup=paper"))
+    assert params.setup == "paper"
+    assert params.data.source == "voc" and params.backbone.source == "imagenet"
+    assert params.train.image_size == 321 and params.train.epochs == 180 and params.train.augment
+    assert params.model.channels == 256 and params.train.batch_size == 8
+    assert params.train.lr == pytest.approx(2.5e-3)
+
+
+def test_overrides_apply_on_top_of_a_setup():
+    params = params_from_dict(composed("setup=paper", "train.lr=0.005"))
+    assert params.train.lr == pytest.approx(0.005)
+    assert params.train.epochs == 180
+
+
+def test_hydra_composition_is_enabled_for_dvc():
+    config = (ROOT / ".dvc" / "config").read_text()
+    assert "[hydra]" in config and "enabled = True" in config
