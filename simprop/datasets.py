@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+
+from simprop.data.errors import DataError
+from simprop.data.io import load_image
+from simprop.data.io import read_label as io_read_label
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
-
-
-class DataError(RuntimeError):
-    """An input file is missing, unreadable or inconsistent."""
 
 
 @dataclass(frozen=True)
@@ -60,30 +59,13 @@ class DataPaths:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3]; a clear error for a missing or unreadable file."""
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found; rerun the data stages (dvc repro episodes)") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc}); delete it and rerun the data stages") from None
+    """An RGB image as uint8 [H, W, 3]; :class:`DataError` naming the file if unreadable."""
+    return load_image(path)
 
 
 def read_label(path: Path) -> np.ndarray:
     """A class-index label map as uint8 [H, W] (palette indices kept, 255 = void)."""
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L"):
-                raise DataError(
-                    f"{path}: label PNG has mode {img.mode}; expected a palette or single-channel "
-                    "PNG of class indices"
-                )
-            return np.array(img)
-    except FileNotFoundError:
-        raise DataError(f"{path}: label not found; rerun the data stages (dvc repro augment)") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"{path}: cannot read label ({exc}); delete it and rerun the data stages") from None
+    return io_read_label(path)
 
 
 def read_pairs(path: Path) -> list[tuple[str, int]]:

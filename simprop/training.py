@@ -200,7 +200,7 @@ class Trainer:
             return 0, {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
         self.optimizer.load_state_dict(state["optimizer"])
         history = state["history"]
-        history["resumed_from"] = state["epoch"] + 1
+        history["resumed_from"] = state["epoch"] + 2  # 1-based number of the first epoch run now
         print(f"resuming {self.variant} fold {self.fold} after completed epoch {state['epoch'] + 1}")
         return state["epoch"] + 1, history
 

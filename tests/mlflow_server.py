@@ -67,15 +67,19 @@ class MlflowServer:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-def start_server(root: Path, port: int | None = None) -> MlflowServer:
-    """Start ``mlflow server`` in ``root`` and wait until ``/health`` answers."""
+def start_server(root: Path, port: int | None = None, db: Path | None = None) -> MlflowServer:
+    """Start ``mlflow server`` in ``root`` and wait until ``/health`` answers.
+
+    ``db``: an existing sqlite store to browse (default ``root/mlflow.db``), e.g. the one a
+    real ``dvc repro`` wrote at a repository root.
+    """
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--backend-store-uri", f"sqlite:///{db or root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1",
         "--port", str(port),

@@ -1,0 +1,308 @@
+"""The whole DAG through the real `dvc repro` in a temporary git repo, browsed through a real
+`mlflow server`; then what a user does next: change a param, kill a training, feed bad input.
+
+Nothing is mocked: DVC, git and MLflow run as the user would run them, on a tiny generated
+dataset and a narrow network so the module takes a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlflow_server import start_server, stop_server  # tests/ is on sys.path under pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ["canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet"]
+FOLDS = [0]
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["data"]["synthetic"].update(num_sbd_images=200, num_voc_images=240, width=128, height=96)
+    params["data"]["workers"] = 2
+    params["splits"]["folds"] = FOLDS
+    params["episodes"].update(num_episodes=20, num_val_episodes=10)
+    params["backbone"]["calibration_images"] = 16
+    params["model"]["channels"] = 8
+    params["train"].update(
+        variants=VARIANTS, folds=FOLDS, epochs=2, iterations_per_epoch=3, batch_size=4, image_size=33,
+        lr=0.01, device="cpu",
+    )  # fmt: skip
+    params["evaluate"].update(image_size=33, batch_size=8, device="cpu")
+    params["report"]["num_qualitative"] = 2
+    params["analysis"].update(
+        variant="simpropnet", fold=0, background_pairs_per_class=2, error_pairs=10, overlap_episodes=10,
+        supervised_weights="none",
+    )  # fmt: skip
+    return params
+
+
+def git_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PYTHONUNBUFFERED": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+
+
+def run(cmd: list[str], repo: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    env = git_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def make_repo(path: Path) -> Path:
+    """A git + DVC repository holding this project (code, dvc.yaml, tiny params)."""
+    path.mkdir()
+    for name in ("simprop", "stages", "conf"):
+        shutil.copytree(REPO_ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO_ROOT / name, path / name)
+    (path / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    run(["git", "init", "-q"], path)
+    run([*DVC, "init", "-q"], path)
+    shutil.copy(REPO_ROOT / ".dvc" / "config", path / ".dvc" / "config")
+    # the tiny params are written by hand here, not composed from conf/: keep DVC from recomposing
+    run([*DVC, "config", "hydra.enabled", "False"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "tiny pipeline"], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    repo = make_repo(tmp_path_factory.mktemp("dag") / "repo")
+    result = run([*DVC, "repro"], repo, timeout=1500)
+    (repo / "repro.log").write_text(result.stdout + result.stderr)
+    return repo
+
+
+def test_repro_runs_every_stage_and_leaves_nothing_to_do(pipeline):
+    status = run([*DVC, "status", "--json"], pipeline)
+    assert json.loads(status.stdout) == {}
+    for variant in VARIANTS:
+        for fold in FOLDS:
+            assert (pipeline / "models" / variant / f"fold{fold}" / "best.pt").is_file()
+            record = json.loads((pipeline / "metrics" / "evaluate" / f"{variant}_fold{fold}.json").read_text())
+            for shot in (1, 5):
+                entry = record[f"shot{shot}"]
+                assert 0.0 <= entry["miou_mean"] <= 100.0
+                assert sorted(k for k in entry if k.startswith("seed")) == ["seed1", "seed2", "seed3"]
+            assert record["episodes"] == 20 and record["resolution"] == "original"
+            assert 0.0 <= record["identical"]["miou"] <= 100.0
+            assert record["reference"]["all_foreground_miou"] > 0.0
+    tables = (pipeline / "reports" / "tables.md").read_text()
+    assert "Table 3" in tables and "Table 4" in tables and "Table 5" in tables
+    assert "54.86" in tables  # the paper's SimPropNet split-1 number sits beside ours
+    shown = run([*DVC, "metrics", "show", "--json"], pipeline)
+    assert "metrics/evaluate/simpropnet_fold0.json" in shown.stdout
+
+
+def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
+    server = start_server(pipeline / ".mlflow-server", db=pipeline / "mlflow.db")
+    try:
+        experiments = server.post("/api/2.0/mlflow/experiments/search", {"max_results": 10})["experiments"]
+        experiment = next(e for e in experiments if e["name"] == "simprop")
+        runs = server.post(
+            "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 500}
+        )["runs"]
+
+        def tags(run: dict) -> dict:
+            return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+        for variant in VARIANTS:
+            for fold in FOLDS:
+                for stage, metric in (("train", "best_val_miou"), ("evaluate", "shot1_miou_mean")):
+                    found = [
+                        r for r in runs
+                        if tags(r).get("stage") == stage and tags(r).get("variant") == variant
+                        and tags(r).get("fold") == str(fold) and r["info"]["status"] == "FINISHED"
+                    ]  # fmt: skip
+                    assert found, f"no finished {stage} run for {variant} fold {fold}"
+                    run_info = found[0]
+                    metrics = {m["key"] for m in run_info["data"].get("metrics", [])}
+                    assert metric in metrics
+                    assert tags(run_info)["protocol"] == "oslsm"
+                    listing = server.get(
+                        "/api/2.0/mlflow/artifacts/list", run_id=run_info["info"]["run_id"]
+                    ).get("files", [])
+                    names = {f["path"] for f in listing}
+                    assert "params.yaml" in names
+                    if stage == "train":
+                        assert "checkpoint" in names
+                        history = server.get(
+                            "/api/2.0/mlflow/metrics/get-history", run_id=run_info["info"]["run_id"],
+                            metric_key="train_loss",
+                        )["metrics"]  # fmt: skip
+                        assert len(history) == 6  # 2 epochs x 3 iterations, one point per step
+    finally:
+        stop_server(server)
+
+
+def test_changing_the_learning_rate_reruns_training_and_nothing_upstream(pipeline):
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = 0.005
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = json.loads(run([*DVC, "status", "--json"], pipeline).stdout)
+    finally:
+        params_path.write_text(original)
+    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    assert trainings <= set(changed), "every training must rerun"
+    upstream = {"download", "augment", "splits", "episodes", "backbone", "features"}
+    assert not upstream & set(changed), f"upstream stages must not rerun: {sorted(upstream & set(changed))}"
+    assert set(changed) - trainings <= {"report"}  # evaluate reruns later, when the checkpoints change
+    for name in trainings:
+        assert "train.lr" in json.dumps(changed[name])
+
+
+def test_bad_params_fail_before_any_work(pipeline, tmp_path):
+    repo = pipeline
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = -1.0
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    before = sorted(p.name for p in (repo / "models").iterdir())
+    try:
+        result = run([sys.executable, "stages/train.py", "--variant", "canet", "--fold", "0"], repo, check=False)
+    finally:
+        params_path.write_text(original)
+    assert result.returncode == 2
+    assert "train.lr" in result.stderr
+    assert sorted(p.name for p in (repo / "models").iterdir()) == before
+
+
+def test_missing_checkpoint_and_episode_file_give_clear_errors(pipeline, tmp_path):
+    repo = pipeline
+    best = repo / "models" / "fbaf" / "fold0" / "best.pt"
+    moved = tmp_path / "best.pt"
+    shutil.move(best, moved)
+    try:
+        result = run([sys.executable, "stages/evaluate.py", "--variant", "fbaf", "--fold", "0"], repo, check=False)
+    finally:
+        shutil.move(moved, best)
+    assert result.returncode == 2
+    assert "best.pt" in result.stderr and "does not exist" in result.stderr
+
+    episodes = repo / "data" / "episodes" / "fold0" / "test_seed2.csv"
+    saved = tmp_path / "test_seed2.csv"
+    shutil.move(episodes, saved)
+    try:
+        result = run([sys.executable, "stages/evaluate.py", "--variant", "fbaf", "--fold", "0"], repo, check=False)
+    finally:
+        shutil.move(saved, episodes)
+    assert result.returncode == 2
+    assert "test_seed2.csv" in result.stderr
+
+
+def _mlflow_runs(repo: Path, stage: str, variant: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("simprop")
+    return client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.stage = '{stage}' and tags.variant = '{variant}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def test_a_diverging_training_stops_with_a_clear_message_and_a_failed_run(pipeline):
+    repo = pipeline
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = 1e30
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    model_dir = repo / "models" / "dpr" / "fold0"
+    saved = repo.parent / "dpr_fold0_saved"
+    shutil.copytree(model_dir, saved)
+    try:
+        result = run([sys.executable, "stages/train.py", "--variant", "dpr", "--fold", "0"], repo, check=False)
+    finally:
+        params_path.write_text(original)
+        shutil.rmtree(model_dir)
+        shutil.copytree(saved, model_dir)
+    assert result.returncode == 2
+    assert "loss is nan" in result.stderr.lower() or "loss is inf" in result.stderr.lower()
+    assert "train.lr" in result.stderr
+    latest = _mlflow_runs(repo, "train", "dpr")[0]
+    assert latest.info.status == "FAILED"
+    assert "TrainingDiverged" in latest.data.tags["error"]
+
+
+def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
+    repo = pipeline
+    model_dir = repo / "models" / "simpropnet" / "fold0"
+    saved = repo.parent / "simpropnet_fold0_saved"
+    shutil.copytree(model_dir, saved)
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = 200  # long enough to be killed mid-run
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.rmtree(model_dir)
+    state_file = model_dir / "state.json"
+    env = git_env()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"],
+            cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        completed = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if state_file.is_file():
+                try:
+                    completed = json.loads(state_file.read_text())["completed_epochs"]
+                except (ValueError, KeyError):
+                    completed = 0
+                if completed >= 3:
+                    break
+            time.sleep(0.2)
+        assert proc.poll() is None, "training finished or crashed before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = json.loads(state_file.read_text())["completed_epochs"]
+        assert killed_at >= 3
+
+        params["train"]["epochs"] = killed_at + 2
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        result = run([sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"], repo)
+        assert f"after completed epoch {killed_at}" in result.stdout
+        summary = json.loads((repo / "metrics" / "train" / "simpropnet_fold0.json").read_text())
+        assert summary["resumed_from_epoch"] == killed_at + 1
+        steps = [int(line.split(",")[0]) for line in
+                 (repo / "plots" / "train" / "loss" / "simpropnet_fold0.csv").read_text().splitlines()[1:]]  # fmt: skip
+        assert steps == list(range((killed_at + 2) * 3)), "the loss curve must continue without gaps or repeats"
+        assert json.loads(state_file.read_text())["completed_epochs"] == killed_at + 2
+    finally:
+        params_path.write_text(original)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(saved, model_dir)
