@@ -420,7 +420,30 @@ def _training_table(results: dict[tuple[str, int], RunResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_markdown(params: Params, results: dict, tables: dict[str, list[Row]]) -> str:
+ANALYSES = (
+    ("background_similarity", "Background vs foreground similarity (paper Figure 3)"),
+    ("error_similarity", "Similarity of mispredicted regions (paper §3.1)"),
+    ("error_overlap", "Error overlap with a supervised model (paper Table 1)"),
+)
+
+
+def analysis_sections(root: Path) -> str:
+    """The analysis stages' markdown (``reports/analysis/<name>.md``), one section each."""
+    parts = ["## Analyses (paper §3.1 and §5.2)\n"]
+    for name, title in ANALYSES:
+        path = root / "reports" / "analysis" / f"{name}.md"
+        parts.append(f"### {title}\n")
+        if path.is_file():
+            body = path.read_text().strip()
+            # demote the analysis' own headings below this section's
+            parts.append("\n".join("##" + line if line.startswith("#") else line for line in body.splitlines()))
+        else:
+            parts.append(f"_not run: `{path}` is missing (dvc repro analysis_{name})_")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def render_markdown(params: Params, results: dict, tables: dict[str, list[Row]], analyses: str = "") -> str:
     parts = [
         _header(params),
         "## Table 3: one-shot and five-shot mIoU\n",
@@ -441,6 +464,7 @@ def render_markdown(params: Params, results: dict, tables: dict[str, list[Row]])
         "- `figures/training_curves.png`: training loss per step and validation mIoU per epoch",
         "- `figures/qualitative.png`: support / query / prediction / ground truth examples",
         "",
+        analyses,
     ]
     return "\n".join(parts)
 
@@ -655,7 +679,7 @@ def build_report(params: Params, root: str | Path = ".") -> ReportOutputs:
     reports.mkdir(parents=True, exist_ok=True)
 
     tables_md = reports / "tables.md"
-    tables_md.write_text(render_markdown(params, results, tables))
+    tables_md.write_text(render_markdown(params, results, tables, analysis_sections(root)))
     csvs = {}
     for name, rows in tables.items():
         csvs[name] = reports / f"{name}.csv"

@@ -289,3 +289,16 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
     assert "simpropnet_fold0.json" in capsys.readouterr().err
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FAILED"
+
+
+def test_analysis_outputs_join_the_report(tmp_path):
+    from simprop.report import analysis_sections
+
+    analysis = tmp_path / "reports" / "analysis"
+    analysis.mkdir(parents=True)
+    (analysis / "error_similarity.md").write_text("# Error similarity\n\nratio 0.81 +- 0.20 (paper 0.87 +- 0.25)\n")
+    text = analysis_sections(tmp_path)
+    assert "ratio 0.81 +- 0.20 (paper 0.87 +- 0.25)" in text
+    assert "### Error overlap with a supervised model (paper Table 1)" in text
+    assert "not run" in text and "background_similarity.md" in text  # the missing ones say so
+    assert "\n### Error similarity" in text  # the analysis' own heading is demoted below the section
