@@ -7,8 +7,6 @@ foreground is ``label == c``, 255 is ignored, everything else is background.
 
 from __future__ import annotations
 
-import csv
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,94 +14,30 @@ import torch
 import torch.nn.functional as F
 
 from simprop.data.errors import DataError
-from simprop.data.io import load_image
-from simprop.data.io import read_label as io_read_label
+from simprop.data.layout import DataLayout
+# file readers shared with the data stages (each error names the file), re-exported for callers
+from simprop.data.io import Episode, read_episodes, read_label, read_pairs  # noqa: F401
+from simprop.data.io import load_image as read_image  # noqa: F401
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 
-@dataclass(frozen=True)
-class DataPaths:
-    """Where the data stages put things (docs/architecture.md)."""
-
-    root: Path
-
-    @property
-    def images(self) -> Path:
-        return self.root / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages"
-
-    @property
-    def labels(self) -> Path:
-        return self.root / "SegmentationClassAug"
-
-    def image(self, image_id: str) -> Path:
-        return self.images / f"{image_id}.jpg"
-
-    def label(self, image_id: str) -> Path:
-        return self.labels / f"{image_id}.png"
+class DataPaths(DataLayout):
+    """The data contract (docs/architecture.md) as the training and evaluation code reads it."""
 
     def split(self, fold: int, name: str) -> Path:
-        return self.root / "splits" / f"fold{fold}" / f"{name}.csv"
+        """``splits/fold<i>/<name>.csv`` (name: train, val or test)."""
+        return self.split_file(fold, name)
 
-    def episodes(self, fold: int, name: str) -> Path:
-        return self.root / "episodes" / f"fold{fold}" / f"{name}.csv"
+    def episode_file(self, fold: int, name: str) -> Path:
+        """``episodes/fold<i>/<name>.csv`` (name: ``test_seed<s>`` or ``val``)."""
+        return self.episodes / f"fold{fold}" / f"{name}.csv"
 
     @property
     def features(self) -> Path:
         return self.root / "features"
-
-
-# --------------------------------------------------------------------------- files
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3]; :class:`DataError` naming the file if unreadable."""
-    return load_image(path)
-
-
-def read_label(path: Path) -> np.ndarray:
-    """A class-index label map as uint8 [H, W] (palette indices kept, 255 = void)."""
-    return io_read_label(path)
-
-
-def read_pairs(path: Path) -> list[tuple[str, int]]:
-    """An ``image,class`` split list."""
-    rows = _read_csv(path, required=("image", "class"))
-    return [(row["image"], int(row["class"])) for row in rows]
-
-
-@dataclass(frozen=True)
-class Episode:
-    index: int
-    query: str
-    cls: int
-    supports: tuple[str, ...]
-
-
-def read_episodes(path: Path, shots: int) -> list[Episode]:
-    """Episodes with the first ``shots`` supports (1-shot uses ``support1``)."""
-    columns = tuple(f"support{k}" for k in range(1, shots + 1))
-    rows = _read_csv(path, required=("episode", "query", "class", *columns))
-    return [
-        Episode(int(row["episode"]), row["query"], int(row["class"]), tuple(row[c] for c in columns))
-        for row in rows
-    ]
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; run the stage that writes it (dvc repro)")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; regenerate it with dvc repro")
-        rows = list(reader)
-    if not rows:
-        raise DataError(f"{path}: no rows; check the split/episode parameters and rerun dvc repro")
-    return rows
 
 
 # --------------------------------------------------------------------------- tensors

@@ -66,22 +66,25 @@ class EpisodeRunner:
     _features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_computations: int = 0
 
+    @torch.no_grad()
     def features(self, image_ids: list[str]) -> torch.Tensor:
-        """Backbone features [N, C, h, w] on the device, each image computed at most once."""
+        """Encoded features [N, C, h, w] on the device, each image encoded at most once.
+
+        The frozen backbone and (in eval mode) the shared encoder conv are a function of the
+        image alone, so an image that appears in many episodes is encoded once per evaluation.
+        """
         missing = sorted({i for i in image_ids if i not in self._features})
-        if missing:
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
             if self.cache is not None:
-                fresh = self.cache.get(missing)
+                backbone = self.cache.get(chunk).to(self.device)
             else:
-                fresh_batches = []
-                for start in range(0, len(missing), self.batch_size):
-                    chunk = missing[start : start + self.batch_size]
-                    images = torch.stack([self.store.image(i) for i in chunk]).to(self.device)
-                    fresh_batches.append(self.model.backbone_features(images).to(torch.float16).cpu())
-                fresh = torch.cat(fresh_batches)
-            self.feature_computations += len(missing)
-            for image_id, feat in zip(missing, fresh):
-                self._features[image_id] = feat.to(torch.float16)
+                images = torch.stack([self.store.image(i) for i in chunk]).to(self.device)
+                backbone = self.model.backbone_features(images)
+            encoded = self.model.encode(backbone).to(torch.float16).cpu()
+            self.feature_computations += len(chunk)
+            for image_id, feat in zip(chunk, encoded):
+                self._features[image_id] = feat
         return torch.stack([self._features[i] for i in image_ids]).to(self.device, torch.float32)
 
     def _mask(self, image_id: str, cls: int) -> torch.Tensor:
@@ -101,7 +104,7 @@ class EpisodeRunner:
             masks = torch.stack([self._mask(s, e.cls) for e in batch for s in e.supports]).to(self.device)
             masks = masks.view(len(batch), shots, size, size)
             logits = self.model(
-                query_feats=query_feats, support_feats=support_feats, support_masks=masks, out_size=(size, size)
+                query_encoded=query_feats, support_encoded=support_feats, support_masks=masks, out_size=(size, size)
             )["query"]
             for episode, episode_logits in zip(batch, logits):
                 label = self.store.label(episode.query)
@@ -166,7 +169,7 @@ def evaluate_model(
         per_seed = []
         entry: dict = {}
         for seed in params.episodes.test_seeds:
-            episodes = read_episodes(paths.episodes(fold, f"test_seed{seed}"), shots)
+            episodes = read_episodes(paths.episode_file(fold, f"test_seed{seed}"), shots)
             summary = runner.evaluate(episodes, desc=f"{variant} fold{fold} {shots}-shot seed{seed}").summary()
             entry[f"seed{seed}"] = summary
             per_seed.append(summary)
@@ -174,7 +177,7 @@ def evaluate_model(
                 log({f"shot{shots}_seed{seed}_miou": summary["miou"], f"shot{shots}_seed{seed}_fbiou": summary["fbiou"]})
         entry.update(aggregate_seeds(per_seed))
         record[f"shot{shots}"] = entry
-    first = read_episodes(paths.episodes(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)
+    first = read_episodes(paths.episode_file(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
@@ -182,7 +185,6 @@ def evaluate_model(
     reference = {"all_foreground_miou": all_foreground_metrics(store, first).summary()["miou"]}
     if untrained is not None:
         baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache)
-        baseline._features = runner._features  # same frozen backbone: share the memoised features
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
     record["feature_computations"] = runner.feature_computations
@@ -203,7 +205,7 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     if count == 0:
         return []
     paths = DataPaths(root / params.data.root)
-    episodes = read_episodes(paths.episodes(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)[:count]
+    episodes = read_episodes(paths.episode_file(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)[:count]
     rows = []
     for p in runner.predict(episodes, desc="qualitative"):
         support = p.episode.supports[0]

@@ -163,7 +163,7 @@ class Trainer:
                     f"{self.data.split(fold, 'train')}: class {cls} has fewer than 2 images, so no support "
                     "different from the query exists; use more data or a looser small-object filter"
                 )
-        self.val_episodes = read_episodes(self.data.episodes(fold, "val"), 1)
+        self.val_episodes = read_episodes(self.data.episode_file(fold, "val"), 1)
         self.model = build_model(variant, params.model).to(self.device)
         self.cache: FeatureCache | None = None
         if tp.cache_backbone_features:

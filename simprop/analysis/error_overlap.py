@@ -206,7 +206,7 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
         model, _ = load_trained_model(checkpoint, a.variant, torch_device)
     paths = DataPaths(root / params.data.root)
     seed = params.episodes.test_seeds[0]
-    episodes = read_episodes(paths.episodes(a.fold, f"test_seed{seed}"), shots=1)
+    episodes = read_episodes(paths.episode_file(a.fold, f"test_seed{seed}"), shots=1)
     if a.overlap_episodes:
         episodes = episodes[: a.overlap_episodes]
     size = params.evaluate.image_size

@@ -134,6 +134,8 @@ class SimPropNet(nn.Module):
         support_feats: Tensor | None = None,
         out_size: tuple[int, int] | None = None,
         predict_support: bool | None = None,
+        query_encoded: Tensor | None = None,
+        support_encoded: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if support_masks is None:
             raise ValueError("support_masks [B,K,H,W] is required")
@@ -142,6 +144,12 @@ class SimPropNet(nn.Module):
         batch, shots = support_masks.shape[:2]
         support_size = tuple(support_masks.shape[-2:])
 
+        if query_encoded is not None and support_encoded is not None:
+            # already through the shared encoder conv (see :meth:`encode`): evaluation memoises it
+            if out_size is None:
+                raise ValueError("out_size=(H, W) is required with encoded features")
+            return self._head(query_encoded, support_encoded.flatten(0, 1) if support_encoded.dim() == 5 else support_encoded,
+                              support_masks, batch, shots, support_size, out_size, predict_support)
         if query_feats is None:
             if query_img is None:
                 raise ValueError("give query_img [B,3,H,W] or query_feats [B,1536,h,w]")
@@ -164,14 +172,21 @@ class SimPropNet(nn.Module):
                 f"{tuple(support_feats.shape)}, support masks {tuple(support_masks.shape)}"
             )
 
-        predict_support = self.spec.dual_prediction and self.training if predict_support is None else predict_support
-
         # shared encoder conv (one call when query and support maps have the same size)
         if query_feats.shape[-2:] == support_feats.shape[-2:]:
             projected = self.projection(torch.cat([query_feats, support_feats], dim=0))
             fq, fs = projected[:batch], projected[batch:]
         else:
             fq, fs = self.projection(query_feats), self.projection(support_feats)
+        return self._head(fq, fs, support_masks, batch, shots, support_size, out_size, predict_support)
+
+    def encode(self, backbone_feats: Tensor) -> Tensor:
+        """The shared encoder conv on backbone features; in eval mode a per-image function."""
+        return self.projection(backbone_feats)
+
+    def _head(self, fq, fs, support_masks, batch, shots, support_size, out_size, predict_support):
+        """Prototypes, fusion and decoding from encoded query [B,C,h,w] and support [B*K,C,h,w] maps."""
+        predict_support = self.spec.dual_prediction and self.training if predict_support is None else predict_support
 
         # dual probe feature extraction (eq. 1), per support, then averaged over the shots (eq. 4)
         masks = support_masks.flatten(0, 1)

@@ -1,0 +1,83 @@
+"""Evaluation mechanics on a tiny generated tree: per-image encoding, identical-input episodes,
+the all-foreground reference and the encoded-feature shortcut of the network."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from simprop.datasets import DataPaths, ImageStore, read_episodes
+from simprop.evaluation import EpisodeRunner, all_foreground_metrics, identical_input_episodes
+from simprop.metrics import EpisodeMetrics
+from simprop.model import build_model
+from simprop.params import ModelParams
+
+
+class NaiveRunner(EpisodeRunner):
+    """Re-encodes every image of every episode (what the memoisation must be equal to)."""
+
+    def features(self, image_ids):
+        self._features.clear()
+        return super().features(image_ids)
+
+
+@pytest.fixture(scope="module")
+def setup(data_pipeline):
+    layout, params, _ = data_pipeline
+    paths = DataPaths(layout.root)
+    torch.manual_seed(0)
+    model = build_model("simpropnet", ModelParams(channels=8)).eval()
+    return paths, ImageStore(paths, 33), model
+
+
+def test_each_image_is_encoded_once_and_results_equal_per_episode_encoding(setup):
+    paths, store, model = setup
+    episodes = read_episodes(paths.episode_file(0, "test_seed1"), 5)[:12]
+    runner = EpisodeRunner(model, store, torch.device("cpu"), batch_size=4)
+    memo = runner.evaluate(episodes).summary()
+    unique = {e.query for e in episodes} | {s for e in episodes for s in e.supports}
+    assert runner.feature_computations == len(unique)
+    naive_runner = NaiveRunner(model, store, torch.device("cpu"), batch_size=4)
+    naive = naive_runner.evaluate(episodes).summary()
+    assert naive_runner.feature_computations > len(unique)
+    assert memo["miou"] == pytest.approx(naive["miou"], abs=1e-9)
+    assert memo["class_iou"] == pytest.approx(naive["class_iou"], abs=1e-9)
+
+
+def test_encoded_features_give_the_same_logits_as_backbone_features():
+    torch.manual_seed(0)
+    model = build_model("fbaf", ModelParams(channels=8)).eval()
+    query, supports = torch.randn(2, 3, 33, 33), torch.randn(2, 3, 3, 33, 33)
+    masks = (torch.rand(2, 3, 33, 33) > 0.5).float()
+    with torch.no_grad():
+        qf, sf = model.backbone_features(query), model.backbone_features(supports.flatten(0, 1))
+        direct = model(query_feats=qf, support_feats=sf.view(2, 3, *sf.shape[1:]), support_masks=masks, out_size=(33, 33))
+        encoded = model(query_encoded=model.encode(qf), support_encoded=model.encode(sf), support_masks=masks,
+                        out_size=(33, 33))  # fmt: skip
+    torch.testing.assert_close(direct["query"], encoded["query"])
+
+
+def test_identical_input_uses_the_query_as_its_own_support(setup):
+    paths, store, model = setup
+    pairs = [("a", 3), ("b", 7)]
+    episodes = identical_input_episodes(pairs)
+    assert [(e.query, e.cls, e.supports) for e in episodes] == [("a", 3, ("a",)), ("b", 7, ("b",))]
+
+
+def test_all_foreground_reference_equals_the_foreground_fraction(setup):
+    paths, store, _ = setup
+    episodes = read_episodes(paths.episode_file(0, "test_seed1"), 1)[:10]
+    reference = all_foreground_metrics(store, episodes)
+    expected = EpisodeMetrics()
+    for e in episodes:
+        label = store.label(e.query)
+        target = (label == e.cls).astype(np.uint8)
+        target[label == 255] = 255
+        expected.update(np.ones_like(target, dtype=bool), target, e.cls)
+    assert reference.miou() == pytest.approx(expected.miou())
+    for cls, iou in reference.class_iou().items():
+        fg = sum(int((store.label(e.query) == cls).sum()) for e in episodes if e.cls == cls)
+        valid = sum(int((store.label(e.query) != 255).sum()) for e in episodes if e.cls == cls)
+        assert iou == pytest.approx(fg / valid)
