@@ -28,7 +28,7 @@ from simprop.training import Trainer, _epoch_generators
 
 
 class NoMemoRunner(EpisodeRunner):
-    """Recomputes every episode's backbone features (what a naive evaluator does)."""
+    """Recomputes the features of every batch of episodes (what a naive evaluator does)."""
 
     def features(self, image_ids):
         self._features.clear()
@@ -72,12 +72,12 @@ def main() -> None:
     store = ImageStore(DataPaths(root / params.data.root), ev.image_size)
     cache = open_feature_cache(params, root, ev.image_size, model.backbone.checksum())
     for shots in ev.shots:
-        episodes = read_episodes(DataPaths(root / params.data.root).episodes(args.fold, "test_seed1"), shots)
+        episodes = read_episodes(DataPaths(root / params.data.root).episode_file(args.fold, "test_seed1"), shots)
         episodes = episodes[: args.episodes]
         for label, runner in (
             ("feature cache file + memo", EpisodeRunner(model, store, torch.device("cpu"), ev.batch_size, cache)),
             ("per-image memo (no cache file)", EpisodeRunner(model, store, torch.device("cpu"), ev.batch_size, None)),
-            ("no memo (recompute per episode)", NoMemoRunner(model, store, torch.device("cpu"), ev.batch_size, None)),
+            ("no memo (recompute per batch of episodes)", NoMemoRunner(model, store, torch.device("cpu"), ev.batch_size, None)),
         ):
             start = time.perf_counter()
             runner.evaluate(episodes)
