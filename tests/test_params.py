@@ -18,7 +18,8 @@ def test_committed_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert params.setup == "default"
     assert params.data.source == "synthetic"
-    assert params.flat()["train.lr"] == pytest.approx(0.0025)
+    assert params.flat()["train.lr"] == pytest.approx(committed()["train"]["lr"])
+    assert params.flat()["model.channels"] == committed()["model"]["channels"]
 
 
 @pytest.mark.parametrize(
