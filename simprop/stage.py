@@ -8,6 +8,7 @@ file or key and exits with status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -16,11 +17,30 @@ from simprop.params import Params, ParamsError, load_params
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
+    from simprop.analysis.common import AnalysisError
     from simprop.datasets import DataError
     from simprop.model import BackboneWeightsError, CheckpointError
     from simprop.training import TrainingDiverged
 
-    return (ParamsError, DataError, CheckpointError, BackboneWeightsError, TrainingDiverged, FileNotFoundError)
+    return (
+        ParamsError, DataError, CheckpointError, BackboneWeightsError, TrainingDiverged, AnalysisError,
+        FileNotFoundError,
+    )  # fmt: skip
+
+
+def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, Path], int | None],
+                       argv: list[str] | None = None) -> int:
+    """Entry point of an analysis stage: ``--params`` and ``--root`` options, then :func:`run_stage`.
+
+    ``analyse(params, root)`` runs inside the stage's MLflow run; an expected failure
+    (e.g. :class:`~simprop.analysis.common.AnalysisError`) has already marked that run FAILED
+    when it reaches here, and becomes one clear line and exit status 2.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--root", default=".", help="repository root (data/, models/, metrics/, reports/)")
+    args = parser.parse_args(argv)
+    return run_stage(name, lambda params: analyse(params, Path(args.root)), args.params)
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:

@@ -10,12 +10,11 @@ is skipped: it prints why, writes {"skipped": true, "reason": ...} and exits 0.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from simprop.params import Params
-from simprop.stage import run_stage
+from simprop.stage import run_analysis_stage
 
 STAGE = "analysis_error_overlap"
 
@@ -48,21 +47,7 @@ def analyse(params: Params, root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".", help="repository root (data/, models/, metrics/, reports/)")
-    args = parser.parse_args(argv)
-
-    def body(params: Params) -> int:
-        from simprop.analysis.common import AnalysisError
-
-        try:
-            return analyse(params, Path(args.root))
-        except AnalysisError as exc:  # the MLflow run is already marked FAILED
-            print(f"{STAGE}: error: {exc}", file=sys.stderr)
-            return 2
-
-    return run_stage(STAGE, body, args.params)
+    return run_analysis_stage(STAGE, __doc__, analyse, argv)
 
 
 if __name__ == "__main__":
