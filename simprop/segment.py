@@ -166,15 +166,14 @@ def list_queries(queries: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def resolve_device(device: str = "auto"):
-    import torch
+    """The pipeline's device rule (:func:`simprop.evaluation.resolve_device`) with segment's errors."""
+    from simprop.evaluation import resolve_device as pipeline_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SegmentError(f"device {device!r} asked for, but no CUDA GPU is available here; use --device cpu")
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
+        return pipeline_device(device)
+    except RuntimeError as exc:  # CUDA asked for but absent; torch's own "not a device" error
+        if device.startswith("cuda"):
+            raise SegmentError(f"device {device!r} asked for, but no CUDA GPU is available here; use --device cpu") from exc
         raise SegmentError(f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
 
 
