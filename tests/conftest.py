@@ -151,10 +151,10 @@ class FileServer:
                 if cut is not None:
                     body = body[:cut]
                     self.close_connection = True
+                with server._lock:  # count before writing: the client may finish (and the test
+                    server.bytes_sent += len(body)  # assert) before this thread runs again
                 self.wfile.write(body)
                 self.wfile.flush()
-                with server._lock:
-                    server.bytes_sent += len(body)
 
         return Handler
 
