@@ -9,6 +9,7 @@ from simprop.data.augment import build_segmentation_class_aug
 from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
 from simprop.params import ParamsError, load_params
+from simprop.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         layout = DataLayout(params.data.root)
-        counts = build_segmentation_class_aug(layout, workers=params.data.workers)
+        with stage_run("augment", params) as run:
+            counts = build_segmentation_class_aug(layout, workers=params.data.workers)
+            run.log_metrics({"labels_from_voc": counts["voc"], "labels_from_sbd": counts["sbd"]})
     except (DataError, ParamsError) as exc:
         print(f"augment: error: {exc}", file=sys.stderr)
         return 2

@@ -12,8 +12,11 @@ from simprop.stage import run_stage
 def main() -> int:
     def body(params: Params) -> int:
         from simprop.backbone import materialise_backbone
+        from simprop.tracking import stage_run
 
-        provenance = materialise_backbone(params, Path("."))
+        with stage_run("backbone", params) as run:
+            provenance = materialise_backbone(params, Path("."))
+            run.set_tags({f"backbone_{k}": v for k, v in provenance.items()})
         print(f"backbone ({provenance['source']}) written to {params.backbone.path}, sha256 {provenance['sha256'][:12]}")
         return 0
 

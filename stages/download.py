@@ -14,6 +14,7 @@ from simprop.data.download import prepare_raw
 from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
 from simprop.params import ParamsError, load_params
+from simprop.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         layout = DataLayout(params.data.root)
-        prepare_raw(layout, params.data, workers=params.data.workers)
+        with stage_run("download", params) as run:
+            prepare_raw(layout, params.data, workers=params.data.workers)
+            run.set_tags({"data_root": str(layout.root)})
     except (DataError, ParamsError) as exc:
         print(f"download: error: {exc}", file=sys.stderr)
         return 2

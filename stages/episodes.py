@@ -9,6 +9,7 @@ from simprop.data.episodes import build_episodes
 from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
 from simprop.params import ParamsError, load_params
+from simprop.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         layout = DataLayout(params.data.root)
-        written = build_episodes(layout, params.splits.folds, params.episodes)
+        with stage_run("episodes", params) as run:
+            written = build_episodes(layout, params.splits.folds, params.episodes)
+            run.log_metrics({"test_files": written["test_files"], "val_files": written["val_files"]})
     except (DataError, ParamsError) as exc:
         print(f"episodes: error: {exc}", file=sys.stderr)
         return 2

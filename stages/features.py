@@ -13,6 +13,7 @@ from pathlib import Path
 from simprop.evaluation import resolve_device
 from simprop.features import build_feature_cache
 from simprop.params import ParamsError, load_params
+from simprop.tracking import stage_run
 
 
 def main() -> int:
@@ -21,7 +22,11 @@ def main() -> int:
     except ParamsError as exc:
         print(f"features: {exc}", file=sys.stderr)
         return 2
-    manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))
+    with stage_run("features", params) as run:
+        manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))
+        run.set_tags({"cache_enabled": manifest["enabled"], "image_size": manifest["image_size"]})
+        if manifest["enabled"]:
+            run.log_metrics({"images": len(manifest["images"])})
     if manifest["enabled"]:
         print(f"cached backbone features of {len(manifest['images'])} images, shape {manifest['feature_shape']}")
     else:

@@ -9,6 +9,7 @@ from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
 from simprop.data.splits import build_splits, comparison_table
 from simprop.params import ParamsError, load_params
+from simprop.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         layout = DataLayout(params.data.root)
-        metrics = build_splits(layout, params.splits, args.metrics, workers=params.data.workers)
+        with stage_run("splits", params) as run:
+            metrics = build_splits(layout, params.splits, args.metrics, workers=params.data.workers)
+            run.log_artifact(args.metrics)
     except (DataError, ParamsError) as exc:
         print(f"splits: error: {exc}", file=sys.stderr)
         return 2

@@ -133,6 +133,9 @@ def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
         def tags(run: dict) -> dict:
             return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
+        for stage in ("download", "augment", "splits", "episodes", "backbone", "features", "report",
+                      "analysis_background", "analysis_error_similarity", "analysis_error_overlap"):
+            assert any(tags(r).get("stage") == stage and r["info"]["status"] == "FINISHED" for r in runs), stage
         for variant in VARIANTS:
             for fold in FOLDS:
                 for stage, metric in (("train", "best_val_miou"), ("evaluate", "shot1_miou_mean")):
