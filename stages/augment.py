@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from simprop.data.augment import build_segmentation_class_aug
-from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
-from simprop.params import ParamsError, load_params
+from simprop.params import Params
+from simprop.stage import run_stage
 from simprop.tracking import stage_run
 
 
@@ -16,18 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
+
+    def body(params: Params) -> int:
         layout = DataLayout(params.data.root)
         with stage_run("augment", params) as run:
             counts = build_segmentation_class_aug(layout, workers=params.data.workers)
             run.log_metrics({"labels_from_voc": counts["voc"], "labels_from_sbd": counts["sbd"]})
-    except (DataError, ParamsError) as exc:
-        print(f"augment: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"augment: {counts['voc'] + counts['sbd']} labels in {layout.aug} "
-          f"({counts['voc']} from VOC2012 SegmentationClass, {counts['sbd']} from SBD cls)")  # fmt: skip
-    return 0
+        print(f"augment: {counts['voc'] + counts['sbd']} labels in {layout.aug} "
+              f"({counts['voc']} from VOC2012 SegmentationClass, {counts['sbd']} from SBD cls)")  # fmt: skip
+        return 0
+
+    return run_stage("augment", body, args.params)
 
 
 if __name__ == "__main__":

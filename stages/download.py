@@ -11,9 +11,9 @@ import argparse
 import sys
 
 from simprop.data.download import prepare_raw
-from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
-from simprop.params import ParamsError, load_params
+from simprop.params import Params
+from simprop.stage import run_stage
 from simprop.tracking import stage_run
 
 
@@ -21,17 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
+
+    def body(params: Params) -> int:
         layout = DataLayout(params.data.root)
         with stage_run("download", params) as run:
             prepare_raw(layout, params.data, workers=params.data.workers)
             run.set_tags({"data_root": str(layout.root)})
-    except (DataError, ParamsError) as exc:
-        print(f"download: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"download: {params.data.source} tree ready in {layout.raw}")
-    return 0
+        print(f"download: {params.data.source} tree ready in {layout.raw}")
+        return 0
+
+    return run_stage("download", body, args.params)
 
 
 if __name__ == "__main__":

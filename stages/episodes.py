@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from simprop.data.episodes import build_episodes
-from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
-from simprop.params import ParamsError, load_params
+from simprop.params import Params
+from simprop.stage import run_stage
 from simprop.tracking import stage_run
 
 
@@ -16,20 +16,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
+
+    def body(params: Params) -> int:
         layout = DataLayout(params.data.root)
         with stage_run("episodes", params) as run:
             written = build_episodes(layout, params.splits.folds, params.episodes)
             run.log_metrics({"test_files": written["test_files"], "val_files": written["val_files"]})
-    except (DataError, ParamsError) as exc:
-        print(f"episodes: error: {exc}", file=sys.stderr)
-        return 2
-    e = params.episodes
-    print(f"episodes: {written['test_files']} test files ({e.num_episodes} episodes, seeds {list(e.test_seeds)}) "
-          f"and {written['val_files']} validation files ({e.num_val_episodes} episodes, seed {e.val_seed}) "
-          f"in {layout.episodes}")  # fmt: skip
-    return 0
+        e = params.episodes
+        print(f"episodes: {written['test_files']} test files ({e.num_episodes} episodes, seeds {list(e.test_seeds)}) "
+              f"and {written['val_files']} validation files ({e.num_val_episodes} episodes, seed {e.val_seed}) "
+              f"in {layout.episodes}")  # fmt: skip
+        return 0
+
+    return run_stage("episodes", body, args.params)
 
 
 if __name__ == "__main__":

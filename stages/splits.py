@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simprop.data.errors import DataError
 from simprop.data.layout import DataLayout
 from simprop.data.splits import build_splits, comparison_table
-from simprop.params import ParamsError, load_params
+from simprop.params import Params
+from simprop.stage import run_stage
 from simprop.tracking import stage_run
 
 
@@ -17,19 +17,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--metrics", default="metrics/splits.json")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.params)
+
+    def body(params: Params) -> int:
         layout = DataLayout(params.data.root)
         with stage_run("splits", params) as run:
             metrics = build_splits(layout, params.splits, args.metrics, workers=params.data.workers)
             run.log_artifact(args.metrics)
-    except (DataError, ParamsError) as exc:
-        print(f"splits: error: {exc}", file=sys.stderr)
-        return 2
-    s = params.splits
-    print(f"splits: protocol {s.protocol}, small-object filter {s.small_object_filter}, folds {list(s.folds)}")
-    print(comparison_table(metrics, s.folds))
-    return 0
+        s = params.splits
+        print(f"splits: protocol {s.protocol}, small-object filter {s.small_object_filter}, folds {list(s.folds)}")
+        print(comparison_table(metrics, s.folds))
+        return 0
+
+    return run_stage("splits", body, args.params)
 
 
 if __name__ == "__main__":
