@@ -106,10 +106,13 @@ class EpisodeRunner:
             logits = self.model(
                 query_encoded=query_feats, support_encoded=support_feats, support_masks=masks, out_size=(size, size)
             )["query"]
-            for episode, episode_logits in zip(batch, logits):
+            # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
+            # linear: upsample the one-channel margin instead of both logits (half the work).
+            margins = (logits[:, 1:2] - logits[:, 0:1]).float()
+            for episode, margin in zip(batch, margins):
                 label = self.store.label(episode.query)
-                full = F.interpolate(episode_logits[None].float(), size=label.shape, mode="bilinear", align_corners=True)
-                pred = full[0].argmax(0).cpu().numpy().astype(bool)
+                full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
+                pred = (full[0, 0] > 0).cpu().numpy()
                 yield Prediction(episode, pred, episode_label(label, episode.cls))
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:

@@ -112,6 +112,9 @@ class BackboneParams:
     source: str = "imagenet"  # imagenet | random | path to a torchvision ResNet-50 state dict
     seed: int = 0
     calibration_images: int = 160  # random source only: images for BatchNorm statistics
+    # random source only: every bottleneck's residual branch is scaled by this factor (its last
+    # BatchNorm weight), so the random deep net keeps its input's information (see backbone.py)
+    residual_scale: float = 1.0
     path: str = "models/backbone/resnet50.pt"
 
     def validate(self, key: str) -> None:
@@ -119,6 +122,8 @@ class BackboneParams:
             raise ParamsError(f"{key}.source: use 'imagenet', 'random' or a file path")
         if self.source == "random" and self.calibration_images < 1:
             raise ParamsError(f"{key}.calibration_images: must be >= 1 for a random backbone")
+        if not 0.0 <= self.residual_scale <= 1.0:
+            raise ParamsError(f"{key}.residual_scale: must be in [0, 1], got {self.residual_scale}")
         if not self.path:
             raise ParamsError(f"{key}.path: must not be empty")
 
@@ -162,8 +167,10 @@ class TrainParams:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False
     seed: int = 0
-    num_workers: int = 0
     val_every: int = 1
+    # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
+    # torchrun, each process taking batch_size / processes samples of every batch
+    processes: int = 1
 
     def validate(self, key: str) -> None:
         for v in self.variants:
@@ -191,8 +198,13 @@ class TrainParams:
                 f"{key}.augment is false (augmented images change every epoch)"
             )
         _device(self.device, f"{key}.device")
-        if self.num_workers < 0:
-            raise ParamsError(f"{key}.num_workers: must be >= 0, got {self.num_workers}")
+        if self.processes < 1:
+            raise ParamsError(f"{key}.processes: must be >= 1, got {self.processes}")
+        if self.batch_size % self.processes:
+            raise ParamsError(
+                f"{key}.batch_size: {self.batch_size} does not split evenly over {key}.processes = "
+                f"{self.processes}; use a multiple of the process count"
+            )
 
 
 @dataclass(frozen=True)

@@ -619,9 +619,9 @@ def qualitative_montage(params: Params, root: Path, path: Path, max_width: int =
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
-    return path
+    from simprop.visualize import save_figure
+
+    return save_figure(fig, path, dpi=fig.dpi)
 
 
 # --------------------------------------------------------------------------- summary metric

@@ -43,6 +43,20 @@ def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, P
     return run_stage(name, lambda params: analyse(params, Path(args.root)), args.params)
 
 
+def matrix_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--variant`` and ``--fold`` of a ``train@`` / ``evaluate@`` matrix stage."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--fold", type=int, required=True)
+    return parser.parse_args(argv)
+
+
+def check_matrix_entry(params: Params, variant: str, fold: int) -> None:
+    """A matrix stage only runs for a (variant, fold) that the params lists hold."""
+    if variant not in params.train.variants or fold not in params.train.folds:
+        raise ParamsError(f"train.variants/train.folds: ({variant}, fold {fold}) is not in the params lists")
+
+
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:
     try:
         params = load_params(params_path)

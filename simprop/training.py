@@ -41,12 +41,13 @@ from simprop.datasets import (
     resize_label,
     support_mask,
 )
+from simprop.distributed import DistContext, barrier, init_process_group, mean_across
 from simprop.evaluation import EpisodeRunner, resolve_device, write_json
 from simprop.features import FeatureCache, open_feature_cache
 from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model, dual_prediction_loss, save_checkpoint
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
-from simprop.params import Params
+from simprop.params import Params, ParamsError
 
 STATE_FILE = "state.json"
 
@@ -92,14 +93,18 @@ class TrainPaths:
         return self.root / "plots" / "train" / "val" / f"{self.variant}_fold{self.fold}.csv"
 
 
-def run_fingerprint(params: Params, variant: str, fold: int) -> str:
-    """What a checkpoint must share with the current params to be resumed.
+def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, str] | None = None) -> str:
+    """What a checkpoint must share with the current run to be resumed.
 
     Everything that shapes training except ``train.epochs`` (raising the epoch
-    count continues a finished run) and devices/worker counts.
+    count continues a finished run), the device and the process count (N DDP
+processes see the same batches as one), plus ``inputs``:
+    digests of what the params do not pin down (the frozen backbone's weights, the
+    fold's training list and validation episodes), so that a rebuilt backbone or
+    regenerated data never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
-    for key in ("epochs", "device", "num_workers", "variants", "folds"):
+    for key in ("epochs", "device", "processes", "variants", "folds"):
         train.pop(key)
     relevant = {
         "variant": variant,
@@ -109,14 +114,27 @@ def run_fingerprint(params: Params, variant: str, fold: int) -> str:
         "data": params.to_dict()["data"],
         "splits": params.to_dict()["splits"],
         "episodes": params.to_dict()["episodes"],
+        "inputs": inputs or {},
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _epoch_generators(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
-    np_rng = np.random.default_rng([seed, epoch])
-    torch_rng = torch.Generator().manual_seed(int(np_rng.integers(0, 2**62)))
-    return np_rng, torch_rng
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
+    """Which training pair each of the epoch's ``needed`` samples is (repeating the permutation)."""
+    return np.resize(np.random.default_rng([seed, epoch]).permutation(num_pairs), needed)
+
+
+def _sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of sample ``index`` of ``epoch``: support choice, augmentation, ICA."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 2**31 + rank]).integers(0, 2**62))
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -141,15 +159,22 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 class Trainer:
     """Trains ``variant`` on ``fold``; :meth:`run` returns the training summary."""
 
-    def __init__(self, params: Params, variant: str, fold: int, root: Path, tracker=None):
+    def __init__(self, params: Params, variant: str, fold: int, root: Path, tracker=None,
+                 dist_context: DistContext | None = None):  # fmt: skip
         self.params = params
+        self.dist = dist_context or DistContext()
+        if params.train.batch_size % self.dist.world_size:
+            raise ParamsError(
+                f"train.batch_size: {params.train.batch_size} does not split evenly over the "
+                f"{self.dist.world_size} torchrun processes; use a multiple of the process count"
+            )
         self.variant = variant
         self.fold = fold
         self.root = Path(root)
         self.tracker = tracker
         self.spec = VARIANT_SPECS[variant]
         self.paths = TrainPaths(self.root, variant, fold)
-        self.device = resolve_device(params.train.device)
+        self.device = init_process_group(self.dist, resolve_device(params.train.device))
         self.data = DataPaths(self.root / params.data.root)
         tp = params.train
         self.store = ImageStore(self.data, tp.image_size)
@@ -164,10 +189,11 @@ class Trainer:
                     "different from the query exists; use more data or a looser small-object filter"
                 )
         self.val_episodes = read_episodes(self.data.episode_file(fold, "val"), 1)
-        self.model = build_model(variant, params.model).to(self.device)
+        self.model = build_model(variant, params.model, init_seed=tp.seed).to(self.device)
+        backbone_sha256 = self.model.backbone.checksum()
         self.cache: FeatureCache | None = None
         if tp.cache_backbone_features:
-            self.cache = open_feature_cache(params, self.root, tp.image_size, self.model.backbone.checksum())
+            self.cache = open_feature_cache(params, self.root, tp.image_size, backbone_sha256)
             if self.cache is None:
                 raise RuntimeError(
                     f"train.cache_backbone_features is true but {self.data.features} holds no cache for "
@@ -176,8 +202,24 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.model.trainable_parameters(), lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay
         )
-        self.fingerprint = run_fingerprint(params, variant, fold)
+        self.fingerprint = run_fingerprint(
+            params,
+            variant,
+            fold,
+            inputs={
+                "backbone_sha256": backbone_sha256,
+                "train_split": _file_digest(self.data.split(fold, "train")),
+                "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
+            },
+        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tp.amp and self.device.type == "cuda")
+        # What the training step calls: the model itself, or its DDP wrapper that averages the
+        # gradients of the trainable layers over the processes (the frozen backbone is skipped).
+        self.network: torch.nn.Module = self.model
+        if self.dist.enabled:
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -227,14 +269,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _batch(self, items: list[tuple[str, int]], rng: np.random.Generator, torch_rng: torch.Generator, p_ica: float):
+    def _batch(self, epoch: int, indices: list[int], items: list[tuple[str, int]], p_ica: float) -> dict:
+        """The tensors of the samples ``items`` (global sample numbers ``indices`` of ``epoch``).
+
+        Every random choice of a sample (its support, augmentation and ICA switch) comes from
+        :func:`_sample_rng`, so a sample is the same whichever process builds it.
+        """
         tp = self.params.train
         size = tp.image_size
-        support_ids, q_targets, s_masks, s_targets, s_images = [], [], [], [], []
-        for query, cls in items:
+        support_ids, q_targets, s_masks, s_targets, s_images, gray = [], [], [], [], [], []
+        for index, (query, cls) in zip(indices, items):
+            rng = _sample_rng(tp.seed, epoch, index)
             candidates = [i for i in self.by_class[cls] if i != query]
             support = candidates[int(rng.integers(len(candidates)))]
             support_ids.append(support)
+            gray.append(bool(self.spec.ica and p_ica > 0 and rng.random() < p_ica))
             q_targets.append(binary_target(resize_label(self.store.label(query), size), cls))
             s_label = resize_label(self.store.label(support), size)
             if tp.augment:
@@ -243,8 +292,7 @@ class Trainer:
             s_masks.append(support_mask(s_label, cls))
             s_targets.append(binary_target(s_label, cls))
         query_ids = [q for q, _ in items]
-        use_ica = self.spec.ica and p_ica > 0
-        gray = (torch.rand(len(items), generator=torch_rng) < p_ica) if use_ica else torch.zeros(len(items), dtype=torch.bool)
+        gray = torch.tensor(gray, dtype=torch.bool)
         batch = {
             "query_labels": torch.stack(q_targets).to(self.device),
             "support_labels": torch.stack(s_targets)[:, None].to(self.device),
@@ -271,7 +319,7 @@ class Trainer:
         size = self.params.train.image_size
         inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats") if k in batch}
         with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
-            outputs = self.model(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
+            outputs = self.network(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
             loss = dual_prediction_loss(
                 outputs, batch["query_labels"], batch["support_labels"] if self.spec.dual_prediction else None
             )
@@ -291,22 +339,26 @@ class Trainer:
 
     def run(self, stop_after_epoch: int | None = None) -> dict:
         tp = self.params.train
+        ctx = self.dist
         start_epoch, history = self._resume()
         started = time.perf_counter()
         per_epoch = tp.iterations_per_epoch or math.ceil(len(self.pairs) / tp.batch_size)
+        local = tp.batch_size // ctx.world_size  # this process' share of every batch
         self.model.train()
         for epoch in range(start_epoch, tp.epochs):
-            np_rng, torch_rng = _epoch_generators(tp.seed, epoch)
-            torch.manual_seed(int(np_rng.integers(0, 2**62)))  # dropout
+            torch.manual_seed(_dropout_seed(tp.seed, epoch, ctx.rank))
             p_ica = ica_probability(epoch, tp.ica_initial_p, tp.ica_decay) if self.spec.ica else 0.0
-            order = np_rng.permutation(len(self.pairs))
-            needed = per_epoch * tp.batch_size
-            order = np.resize(order, needed)  # repeats the permutation when iterations exceed one pass
+            order = _epoch_order(tp.seed, epoch, len(self.pairs), per_epoch * tp.batch_size)
             losses = []
-            bar = tqdm(range(per_epoch), desc=f"{self.variant} fold{self.fold} epoch {epoch + 1}/{tp.epochs}", unit="it", leave=False)
+            bar = tqdm(
+                range(per_epoch), desc=f"{self.variant} fold{self.fold} epoch {epoch + 1}/{tp.epochs}", unit="it",
+                leave=False, **({} if ctx.is_main else {"disable": True}),
+            )  # fmt: skip
             for it in bar:
-                items = [self.pairs[i] for i in order[it * tp.batch_size : (it + 1) * tp.batch_size]]
-                loss = self._step(self._batch(items, np_rng, torch_rng, p_ica))
+                first = it * tp.batch_size + ctx.rank * local
+                indices = list(range(first, first + local))
+                items = [self.pairs[i] for i in order[indices]]
+                loss = mean_across(ctx, self._step(self._batch(epoch, indices, items, p_ica)), self.device)
                 step = epoch * per_epoch + it
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
@@ -317,22 +369,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
             history["loss"].extend(losses)
             record = {"epoch": epoch + 1, "loss": float(np.mean([v for _, v in losses])), "ica_p": p_ica}
-            if (epoch + 1) % tp.val_every == 0 or epoch + 1 == tp.epochs:
-                val = self.validate()
-                record["val_miou"] = val
-                history["val"].append((epoch + 1, val))
-                if val > history["best_val_miou"]:
-                    history["best_val_miou"], history["best_epoch"] = val, epoch + 1
-                    save_checkpoint(
-                        self.paths.best, self.model, epoch=epoch + 1, val_miou=val,
-                        image_size=tp.image_size, fold=self.fold, fingerprint=self.fingerprint,
-                    )  # fmt: skip
-            if self.tracker is not None:
-                self.tracker.log_history("train_loss", [st for st, _ in losses], [v for _, v in losses])
-                self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
-            print(json.dumps(record))
-            self._save_last(epoch, history)
-            self._write_curves(history)
+            if ctx.is_main:
+                if (epoch + 1) % tp.val_every == 0 or epoch + 1 == tp.epochs:
+                    val = self.validate()
+                    record["val_miou"] = val
+                    history["val"].append((epoch + 1, val))
+                    if val > history["best_val_miou"]:
+                        history["best_val_miou"], history["best_epoch"] = val, epoch + 1
+                        save_checkpoint(
+                            self.paths.best, self.model, epoch=epoch + 1, val_miou=val,
+                            image_size=tp.image_size, fold=self.fold, fingerprint=self.fingerprint,
+                        )  # fmt: skip
+                if self.tracker is not None:
+                    self.tracker.log_history("train_loss", [st for st, _ in losses], [v for _, v in losses])
+                    self.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch + 1)
+                print(json.dumps(record))
+                self._save_last(epoch, history)
+                self._write_curves(history)
+            barrier(ctx)  # the other ranks wait for rank 0's validation and files
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
         return self._summary(history, time.perf_counter() - started)
@@ -356,6 +410,8 @@ class Trainer:
             "wall_time_s": round(wall_time, 2),
             "device": str(self.device),
             "val_episodes": len(self.val_episodes),
+            "processes": self.dist.world_size,
         }
-        write_json(self.paths.metrics, summary)
+        if self.dist.is_main:
+            write_json(self.paths.metrics, summary)
         return summary

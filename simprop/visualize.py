@@ -66,9 +66,20 @@ def save_qualitative(rows: Sequence[dict], path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure atomically (a killed stage never leaves a half-written image)
+    and close it.  No "Software" metadata, so the same figure gives the same bytes."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
+    finally:
+        plt.close(fig)
     tmp.replace(path)
     return path

@@ -10,26 +10,18 @@ outputs/evaluate/<variant>_fold<i>/qualitative.png; logs everything to MLflow.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from simprop.params import Params, ParamsError
-from simprop.stage import run_stage
+from simprop.params import Params
+from simprop.stage import check_matrix_entry, matrix_args, run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--fold", type=int, required=True)
-    args = parser.parse_args(argv)
+    args = matrix_args(__doc__, argv)
 
     def body(params: Params) -> int:
-        if args.variant not in params.train.variants or args.fold not in params.train.folds:
-            raise ParamsError(
-                f"train.variants/train.folds: ({args.variant}, fold {args.fold}) is not in the params lists"
-            )
-        import torch
+        check_matrix_entry(params, args.variant, args.fold)
 
         from simprop.evaluation import evaluate_model, qualitative_rows, resolve_device, write_json
         from simprop.features import open_feature_cache
@@ -42,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(params.evaluate.device)
         paths = TrainPaths(root, args.variant, args.fold)
         model, meta = load_checkpoint(paths.best, map_location=device, expected_variant=args.variant)
-        torch.manual_seed(params.train.seed)
-        untrained = build_model(args.variant, params.model).to(device).eval()
+        untrained = build_model(args.variant, params.model, init_seed=params.train.seed).to(device).eval()
         cache = open_feature_cache(params, root, params.evaluate.image_size, model.backbone.checksum())
         out = root / "metrics" / "evaluate" / f"{args.variant}_fold{args.fold}.json"
         figure = root / "outputs" / "evaluate" / f"{args.variant}_fold{args.fold}" / "qualitative.png"

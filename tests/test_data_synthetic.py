@@ -82,8 +82,8 @@ def test_the_task_is_not_trivial(data_pipeline):
     labels = [read_palette_png(p) for p in sorted(layout.voc_masks.iterdir())]
     present = [set(np.unique(lab).tolist()) - {0, IGNORE} for lab in labels]
     kept = [set(kept_classes(lab, "oslsm")) for lab in labels]
-    assert np.mean([len(p) >= 2 for p in present]) > 0.6  # most images hold 2-3 classes
-    assert np.mean([len(k) >= 2 for k in kept]) > 0.3  # ... often two that both pass the filter
+    assert np.mean([len(p) >= 2 for p in present]) > 0.4  # about half hold 2-3 classes (VOC-like)
+    assert np.mean([len(k) >= 2 for k in kept]) > 0.15  # ... some two that both pass the filter
     assert sum(len(p - k) for p, k in zip(present, kept)) > 0.2 * len(labels)  # small objects dropped
     sizes = [int((lab == c).sum()) for lab, cs in zip(labels, present) for c in cs]
     assert min(sizes) < 0.01 * labels[0].size < 0.2 * labels[0].size < max(sizes)

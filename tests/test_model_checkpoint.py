@@ -46,6 +46,27 @@ def test_backbone_weights_from_a_local_file(resnet_file):
     assert backbone.checksum() != build_backbone("none").checksum()
 
 
+def test_backbone_computes_what_torchvision_resnet50_computes(resnet_file):
+    """simprop.model.resnet re-declares ResNet-50 (to spare every stage torchvision's import):
+    same keys and shapes as torchvision's trunk, and the same layer2 / dilated layer3 output."""
+    net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, False])
+    for block in net.layer3:  # CANet / DeepLab: every block of layer3 dilated
+        block.conv2.dilation, block.conv2.padding = (2, 2), (2, 2)
+    net.load_state_dict(torch.load(resnet_file, weights_only=True))
+    net.eval()
+    ours = build_backbone(str(resnet_file))
+    theirs = {k: v.shape for k, v in net.state_dict().items() if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3")}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == theirs
+    images = torch.randn(2, 3, 65, 65, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = net.maxpool(net.relu(net.bn1(net.conv1(images))))
+        f2 = net.layer2(net.layer1(x))
+        expected = torch.cat([f2, net.layer3(f2)], dim=1)
+        got = ours(images)
+    assert got.shape == (2, 1536, 9, 9)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_random_backbone_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(5)
     expected = torch.rand(3)

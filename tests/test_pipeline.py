@@ -309,3 +309,56 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
         params_path.write_text(original)
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(saved, model_dir)
+
+
+def _loss_curve(repo: Path, variant: str) -> list[float]:
+    lines = (repo / "plots" / "train" / "loss" / f"{variant}_fold0.csv").read_text().splitlines()[1:]
+    return [float(line.split(",")[1]) for line in lines]
+
+
+def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes(pipeline):
+    """train.processes=2 relaunches the stage under torchrun (gloo on the CPU): the two ranks
+    split every batch, rank 0 alone logs one MLflow run, and the loss curve is the one
+    process' curve (same samples, averaged gradients; dropout off so both are comparable)."""
+    repo = pipeline
+    variant = "dpr_fbaf"
+    model_dir = repo / "models" / variant / "fold0"
+    saved = repo.parent / f"{variant}_fold0_saved_ddp"
+    shutil.copytree(model_dir, saved)
+    curve_path = repo / "plots" / "train" / "loss" / f"{variant}_fold0.csv"
+    saved_curve = curve_path.read_text()
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["model"]["dropout"] = 0.0
+    cmd = [sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"]
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        shutil.rmtree(model_dir)
+        run(cmd, repo)
+        single = _loss_curve(repo, variant)
+        runs_before = len(_mlflow_runs(repo, "train", variant))
+
+        params["train"]["processes"] = 2
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        shutil.rmtree(model_dir)
+        result = run(cmd, repo)
+        assert "torch.distributed.run" in result.stdout and "--nproc_per_node=2" in result.stdout
+        double = _loss_curve(repo, variant)
+        assert (model_dir / "best.pt").is_file() and (model_dir / "last.pt").is_file()
+        summary = json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())
+        assert summary["processes"] == 2 and summary["steps"] == 6
+        runs = _mlflow_runs(repo, "train", variant)
+        assert len(runs) == runs_before + 1, "rank 1 must not open an MLflow run"
+        assert runs[0].info.status == "FINISHED" and runs[0].data.tags["processes"] == "2"
+
+        assert len(double) == len(single) == 6
+        # The first loss is computed before any update: equal up to how the two ranks' pixel
+        # means are combined (their halves hold different numbers of void pixels).
+        assert double[0] == pytest.approx(single[0], rel=0.02)
+        assert double == pytest.approx(single, rel=0.1)
+    finally:
+        params_path.write_text(original)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(saved, model_dir)
+        curve_path.write_text(saved_curve)

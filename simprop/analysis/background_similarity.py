@@ -36,6 +36,7 @@ from simprop.analysis.common import (
     write_json,
     write_text,
 )
+from simprop.visualize import save_figure
 from simprop.voc import class_name
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -234,9 +235,4 @@ def plot_background_similarity(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=120)

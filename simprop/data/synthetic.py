@@ -9,8 +9,10 @@ What makes few-shot segmentation a real task on it:
 
 * every class has its own shape family (ellipse, ring, star, cross, ...) and colour/texture,
   with intra-class variation in size, aspect, rotation, colour and texture frequency;
-* most images hold objects of 2-3 different classes, so only the support says which one to
-  segment;
+* about half the images hold objects of 2-3 different classes (1.7 classes per image on the
+  default tree, VOC2012 has about 1.5), so often only the support says which one to segment;
+  more co-occurrence than that makes every novel-class object a frequent *background* object
+  of the training images, which a network learns to suppress;
 * backgrounds come from four scene textures (sky, road, grass, indoor) whose choice correlates
   with the image's main class: the background cue that FBAF exploits exists;
 * object sizes vary from tiny to large, so the small-object filter drops some (image, class)
@@ -51,8 +53,8 @@ from simprop.data.voc import IGNORE, NUM_CLASSES, voc_palette
 
 OVERLAP_FRACTION = 0.77  # share of VOC2012 segmentation images that are also in SBD (2237 / 2913)
 SBD_VAL_FRACTION = 0.25  # SBD val / (train + val) = 2857 / 11355
-MINOR_COUNT_P = (0.3, 0.4, 0.3)  # probabilities of 0, 1, 2 minor objects of other classes
-TWO_MAJOR_P = 0.75  # probability of a second large object of another class beside the main one
+MINOR_COUNT_P = (0.5, 0.35, 0.15)  # probabilities of 0, 1, 2 minor objects of other classes
+TWO_MAJOR_P = 0.35  # probability of a second large object of another class beside the main one
 MAJOR_TRIES = 8  # layouts tried before the second major object is given up
 SCENE_PREFERENCE = 0.75  # probability that an image shows its main class' usual scene
 

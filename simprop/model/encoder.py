@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import ResNet50_Weights, resnet50
+from simprop.model.resnet import EXPANSION, LAYERS, init_weights, make_layer
 
 LAYER2_CHANNELS = 512
 LAYER3_CHANNELS = 1024
@@ -33,7 +33,7 @@ OUTPUT_STRIDE = 8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-IMAGENET_WEIGHTS = ResNet50_Weights.IMAGENET1K_V1
+IMAGENET_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V1"  # torchvision's, imported only when fetched
 DOWNLOAD_TIMEOUT_S = 20.0  # socket timeout while torchvision fetches the ImageNet weights
 
 # The modules of torchvision's ResNet-50 that the backbone keeps.
@@ -49,14 +49,16 @@ class Backbone(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        net = resnet50(weights=None, replace_stride_with_dilation=[False, True, False])
-        # torchvision gives the first block of a dilated layer dilation 1; CANet (DeepLab
-        # ResNet) dilates every block of layer3, so do the same.
-        for block in net.layer3:
-            block.conv2.dilation = (LAYER3_DILATION, LAYER3_DILATION)
-            block.conv2.padding = (LAYER3_DILATION, LAYER3_DILATION)
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
-        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        (w1, n1, s1), (w2, n2, s2), (w3, n3, s3) = LAYERS
+        self.layer1 = make_layer(64, w1, n1, s1, dilation=1)
+        self.layer2 = make_layer(w1 * EXPANSION, w2, n2, s2, dilation=1)
+        # layer3: stride replaced by dilation 2 in every block (CANet / DeepLab), output stride 8
+        self.layer3 = make_layer(w2 * EXPANSION, w3, n3, s3, dilation=LAYER3_DILATION)
+        init_weights(self)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -108,15 +110,18 @@ def build_backbone(weights: str, seed: int = 0) -> Backbone:
 
 
 def _imagenet_state_dict() -> dict[str, Tensor]:
+    from torchvision.models import ResNet50_Weights
+
+    weights = ResNet50_Weights.IMAGENET1K_V1
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        return IMAGENET_WEIGHTS.get_state_dict(progress=False)
+        return weights.get_state_dict(progress=False)
     except (urllib.error.URLError, OSError, RuntimeError, ValueError) as exc:
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise BackboneWeightsError(
             f"model.backbone_weights=imagenet: could not fetch torchvision's ResNet-50 ImageNet "
-            f"weights ({IMAGENET_WEIGHTS.url}): {type(exc).__name__}: {exc}. This machine may "
+            f"weights ({weights.url}): {type(exc).__name__}: {exc}. This machine may "
             f"have no internet. Download that file on a machine that has, then either copy it "
             f"to {hub}/ (torchvision's cache, $TORCH_HOME) or set model.backbone_weights to its "
             f"path (e.g. `dvc exp run -S model.backbone_weights=/path/resnet50-0676ba61.pth`); "

@@ -217,10 +217,18 @@ class SimPropNet(nn.Module):
         return logits
 
 
-def build_model(variant: str, params: ModelParams | None = None) -> SimPropNet:
+def build_model(variant: str, params: ModelParams | None = None, init_seed: int | None = None) -> SimPropNet:
     """The network of ``variant`` (one of :data:`VARIANTS`) configured by ``model.*`` params.
 
     ``model.channels`` sets the width of the encoder conv, the fusion and the ASPP (256 in
-    the paper); narrower networks are for CPU demos and tests.
+    the paper); narrower networks are for CPU demos and tests.  ``init_seed`` seeds the
+    initialisation of the trainable layers (the global RNG is left untouched); training
+    passes ``train.seed``, so the evaluation's untrained reference is exactly the network
+    training started from.
     """
-    return SimPropNet(variant, params if params is not None else ModelParams())
+    params = params if params is not None else ModelParams()
+    if init_seed is None:
+        return SimPropNet(variant, params)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return SimPropNet(variant, params)
