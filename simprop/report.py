@@ -432,12 +432,13 @@ def analysis_sections(root: Path) -> str:
     parts = ["## Analyses (paper §3.1 and §5.2)\n"]
     for name, title in ANALYSES:
         path = root / "reports" / "analysis" / f"{name}.md"
-        parts.append(f"### {title}\n")
         if path.is_file():
             body = path.read_text().strip()
-            # demote the analysis' own headings below this section's
+            if not body.startswith("# "):  # the analysis' own title (demoted below) heads its section
+                parts.append(f"### {title}\n")
             parts.append("\n".join("##" + line if line.startswith("#") else line for line in body.splitlines()))
         else:
+            parts.append(f"### {title}\n")
             parts.append(f"_not run: `{path}` is missing (dvc repro analysis_{name})_")
         parts.append("")
     return "\n".join(parts)

@@ -301,4 +301,5 @@ def test_analysis_outputs_join_the_report(tmp_path):
     assert "ratio 0.81 +- 0.20 (paper 0.87 +- 0.25)" in text
     assert "### Error overlap with a supervised model (paper Table 1)" in text
     assert "not run" in text and "background_similarity.md" in text  # the missing ones say so
-    assert "\n### Error similarity" in text  # the analysis' own heading is demoted below the section
+    assert "\n### Error similarity" in text  # the analysis' own title, demoted, heads its section
+    assert "Similarity of mispredicted regions" not in text  # ... instead of a second heading
