@@ -362,3 +362,45 @@ def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(saved, model_dir)
         curve_path.write_text(saved_curve)
+
+
+def test_dvc_exp_run_temp_with_another_learning_rate_lands_in_the_original_mlflow_store(pipeline):
+    """A real `dvc exp run --temp -S train.lr=...`: DVC copies the repo to a temporary
+    workspace, reruns every training and what depends on it there (nothing upstream), records
+    the experiment, and the MLflow runs of that copy land in the original repository's store
+    with their artifacts under its mlartifacts/, tagged with the experiment's name."""
+    repo = pipeline
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "tiny pipeline results"], repo)
+    before = {r.info.run_id for v in VARIANTS for r in _mlflow_runs(repo, "train", v)}
+    params_before = (repo / "params.yaml").read_text()
+
+    result = run([*DVC, "exp", "run", "--temp", "-n", "lr-half", "-S", "train.lr=0.005"], repo, timeout=1200)
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")}
+    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    assert trainings <= ran
+    assert not ran & {"download", "augment", "splits", "episodes", "backbone", "features"}
+    assert (repo / "params.yaml").read_text() == params_before, "--temp leaves the workspace alone"
+
+    shown = json.loads(run([*DVC, "exp", "show", "--json"], repo).stdout)
+    experiments = [
+        exp for commit in shown for exp in (commit.get("experiments") or [])
+        if exp.get("name") == "lr-half"
+    ]  # fmt: skip
+    assert experiments, "the experiment is recorded"
+    data = experiments[0]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.005
+    assert "metrics/report.json" in data["metrics"]
+
+    for variant in VARIANTS:
+        new = [r for r in _mlflow_runs(repo, "train", variant) if r.info.run_id not in before]
+        assert len(new) == 1, f"one new train run for {variant}"
+        tracked = new[0]
+        assert tracked.info.status == "FINISHED"
+        assert tracked.data.params["train.lr"] == "0.005"
+        assert tracked.data.tags["dvc_exp_name"] == "lr-half"
+        assert tracked.info.artifact_uri.startswith((repo / "mlartifacts").as_uri()) or tracked.info.artifact_uri.startswith(
+            str(repo / "mlartifacts")
+        )
+        checkpoint = Path(tracked.info.artifact_uri.removeprefix("file://")) / "checkpoint" / "best.pt"
+        assert checkpoint.is_file(), "artifacts survive the deletion of the temporary workspace"
