@@ -24,7 +24,7 @@ from simprop.datasets import DataPaths, ImageStore, read_episodes
 from simprop.evaluation import EpisodeRunner
 from simprop.features import open_feature_cache
 from simprop.params import load_params
-from simprop.training import Trainer, _epoch_generators
+from simprop.training import Trainer
 
 
 class NoMemoRunner(EpisodeRunner):
@@ -52,10 +52,11 @@ def main() -> None:
     root = Path(".")
 
     trainer = Trainer(params, args.variant, args.fold, root)
-    np_rng, torch_rng = _epoch_generators(0, 0)
     tp = params.train
-    batches = [trainer._batch(trainer.pairs[i * tp.batch_size:(i + 1) * tp.batch_size], np_rng, torch_rng, 0.25)
-               for i in range(args.steps)]  # fmt: skip
+    batches = []
+    for i in range(args.steps):
+        indices = list(range(i * tp.batch_size, (i + 1) * tp.batch_size))
+        batches.append(trainer._batch(0, indices, [trainer.pairs[j % len(trainer.pairs)] for j in indices], 0.25))
     trainer.model.train()
     trainer._step(batches[0])  # warm-up
     start = time.perf_counter()
