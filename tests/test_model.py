@@ -108,6 +108,19 @@ def test_precomputed_features_give_the_same_output_and_need_out_size():
         model(support_masks=m, query_feats=qf, support_feats=sf)
 
 
+def test_init_seed_fixes_the_trainable_initialisation_and_leaves_the_global_rng_alone():
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    a = build_model("simpropnet", ModelParams(channels=NARROW), init_seed=3).trainable_state_dict()
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(99)  # whatever the global state, the same seed gives the same network
+    b = build_model("simpropnet", ModelParams(channels=NARROW), init_seed=3).trainable_state_dict()
+    c = build_model("simpropnet", ModelParams(channels=NARROW), init_seed=4).trainable_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1)
+
+
 def test_fbaf_attention_maps_in_unit_interval_and_sum_to_one():
     f = torch.randn(3, 16, 7, 9)
     zf, zb = torch.randn(3, 16), torch.randn(3, 16)

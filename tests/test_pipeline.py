@@ -404,3 +404,38 @@ def test_dvc_exp_run_temp_with_another_learning_rate_lands_in_the_original_mlflo
         )
         checkpoint = Path(tracked.info.artifact_uri.removeprefix("file://")) / "checkpoint" / "best.pt"
         assert checkpoint.is_file(), "artifacts survive the deletion of the temporary workspace"
+
+
+def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
+    """models/ is persisted for resuming, so a rebuilt frozen backbone (same params for the
+    train stage, other weights) must not resume the old last.pt: the resume fingerprint holds
+    the backbone's sha256."""
+    repo = pipeline
+    variant = "fbaf"
+    keep = {
+        repo / "models" / variant / "fold0": repo.parent / "stale_model",
+        repo / "models" / "backbone": repo.parent / "stale_backbone",
+        repo / "data" / "features": repo.parent / "stale_features",
+    }
+    for src, dst in keep.items():
+        shutil.copytree(src, dst)
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["backbone"]["seed"] = 1  # another random backbone at the same path
+    try:
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        run([sys.executable, "stages/backbone.py"], repo)
+        run([sys.executable, "stages/features.py"], repo)
+        params_path.write_text(original)  # the train stage's own params are unchanged
+        result = run([sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"], repo)
+        assert "was trained with other params; starting from scratch" in result.stdout
+        assert "resuming" not in result.stdout
+        summary = json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())
+        assert summary["steps"] == 6 and summary["resumed_from_epoch"] is None
+    finally:
+        params_path.write_text(original)
+        for src, dst in keep.items():
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.copytree(dst, src)
+            shutil.rmtree(dst)
