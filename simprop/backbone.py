@@ -60,15 +60,12 @@ def calibrate_batchnorm(backbone: Backbone, images: list[torch.Tensor], batch_si
 
 
 @torch.no_grad()
-def scale_residual_branches(backbone: Backbone, scale: float) -> int:
-    """Multiply each bottleneck's last BatchNorm weight (its residual branch) by ``scale``.
-
-    Returns the number of blocks scaled.  The shortcut (identity or downsample) is untouched.
-    """
-    blocks = [m for m in backbone.modules() if isinstance(m, Bottleneck)]
-    for block in blocks:
-        block.bn3.weight.mul_(scale)
-    return len(blocks)
+def scale_residual_branches(backbone: Backbone, scale: float) -> None:
+    """Multiply each bottleneck's last BatchNorm weight (its residual branch) by ``scale``;
+    the shortcut (identity or downsample) is untouched."""
+    for block in backbone.modules():
+        if isinstance(block, Bottleneck):
+            block.bn3.weight.mul_(scale)
 
 
 def calibration_ids(params: Params, root: Path) -> list[str]:

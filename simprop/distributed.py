@@ -16,13 +16,11 @@ process with batch B sees.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-LAUNCHED_ENV = "SIMPROP_DDP_CHILD"  # set in the children so a stage never relaunches twice
-
 
 @dataclass(frozen=True)
 class DistContext:
@@ -37,6 +35,11 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (it sets ``WORLD_SIZE`` for every worker)."""
+    return "WORLD_SIZE" in os.environ
 
 
 def context_from_env() -> DistContext:
@@ -80,8 +83,6 @@ def destroy(ctx: DistContext) -> None:
 
 def torchrun_command(processes: int, script: str, args: list[str]) -> list[str]:
     """The command that relaunches ``script`` on ``processes`` local processes."""
-    import sys
-
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
         script, *args,

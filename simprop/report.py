@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 from simprop import paper
 from simprop.metrics import mean_std
 from simprop.params import Params
+from simprop.visualize import save_figure
 from simprop.voc import class_id, split_name
 
 DASH = "—"
@@ -526,7 +527,7 @@ def plot_per_class_iou(params: Params, results: dict, path: Path) -> Path:
         ax.set_title(f"Per-class IoU, {shots}-shot, mean over test sets ({params.splits.protocol}, {params.data.source})")
         ax.legend(fontsize="small", ncols=min(5, len(data)))
         ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=fig.dpi)
 
 
 def _read_curve(path: Path | None, x: str, y: str):
@@ -578,7 +579,7 @@ def plot_training_curves(params: Params, root: Path, path: Path) -> Path:
                 ax.legend(fontsize="x-small")
     if not any_curve:
         fig.suptitle("no training curves found under plots/train/")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=fig.dpi)
 
 
 def qualitative_montage(params: Params, root: Path, path: Path, max_width: int = 1200) -> Path:
@@ -617,12 +618,6 @@ def qualitative_montage(params: Params, root: Path, path: Path, max_width: int =
         y += im.height + caption_h
     canvas.save(path)
     return path
-
-
-def _save(fig, path: Path) -> Path:
-    from simprop.visualize import save_figure
-
-    return save_figure(fig, path, dpi=fig.dpi)
 
 
 # --------------------------------------------------------------------------- summary metric

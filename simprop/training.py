@@ -98,10 +98,10 @@ def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, s
 
     Everything that shapes training except ``train.epochs`` (raising the epoch
     count continues a finished run), the device and the process count (N DDP
-processes see the same batches as one), plus ``inputs``:
-    digests of what the params do not pin down (the frozen backbone's weights, the
-    fold's training list and validation episodes), so that a rebuilt backbone or
-    regenerated data never resumes a stale checkpoint.
+    processes see the same batches as one), plus ``inputs``: digests of what the
+    params do not pin down (the frozen backbone's weights, the fold's training list
+    and validation episodes, the training code), so that a rebuilt backbone,
+    regenerated data or changed code never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
     for key in ("epochs", "device", "processes", "variants", "folds"):
@@ -121,6 +121,23 @@ processes see the same batches as one), plus ``inputs``:
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# The code that shapes a training (the train stage's code deps in dvc.yaml): when DVC reruns
+# the stage because one of them changed, the old last.pt must not be resumed.
+TRAINING_CODE = ("training.py", "distributed.py", "evaluation.py", "datasets.py", "features.py", "metrics.py", "model")
+
+
+def training_code_digest() -> str:
+    """sha256 over the source files in :data:`TRAINING_CODE` (a package: all its ``*.py``)."""
+    package = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in TRAINING_CODE:
+        path = package / name
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            h.update(file.relative_to(package).as_posix().encode())
+            h.update(file.read_bytes())
+    return h.hexdigest()
 
 
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
@@ -208,6 +225,7 @@ class Trainer:
             fold,
             inputs={
                 "backbone_sha256": backbone_sha256,
+                "code": training_code_digest(),
                 "train_split": _file_digest(self.data.split(fold, "train")),
                 "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
             },
@@ -234,7 +252,7 @@ class Trainer:
             print(f"ignoring unreadable {self.paths.last} ({exc}); starting from scratch")  # but be safe
             return 0, history
         if state.get("fingerprint") != self.fingerprint:
-            print(f"{self.paths.last} was trained with other params; starting from scratch")
+            print(f"{self.paths.last} was trained with other params, data, backbone or code; starting from scratch")
             return 0, history
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith("backbone.") for k in missing):
@@ -389,6 +407,8 @@ class Trainer:
             barrier(ctx)  # the other ranks wait for rank 0's validation and files
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
+        if ctx.is_main:  # also when a finished run resumed with nothing left (DVC removed the curves)
+            self._write_curves(history)
         return self._summary(history, time.perf_counter() - started)
 
     def _write_curves(self, history: dict) -> None:

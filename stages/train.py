@@ -11,7 +11,6 @@ process per GPU); it can also be started by hand with
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,14 +24,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params: Params) -> int:
         check_matrix_entry(params, args.variant, args.fold)
-        from simprop.distributed import LAUNCHED_ENV, context_from_env, destroy, torchrun_command
+        from simprop.distributed import context_from_env, destroy, torchrun_command, under_torchrun
 
-        ctx = context_from_env()
-        if params.train.processes > 1 and not ctx.enabled and not os.environ.get(LAUNCHED_ENV):
+        if params.train.processes > 1 and not under_torchrun():
             # train.processes > 1: relaunch this script under torchrun, one process per GPU.
             command = torchrun_command(params.train.processes, __file__, ["--variant", args.variant, "--fold", str(args.fold)])
             print("launching", " ".join(command), flush=True)
-            return subprocess.call(command, env={**os.environ, LAUNCHED_ENV: "1"})
+            return subprocess.call(command)
+
+        ctx = context_from_env()
 
         from simprop.tracking import stage_run
         from simprop.training import Trainer

@@ -39,6 +39,18 @@ def tiny_params(**sections):
     return dataclasses.replace(params, **sections) if sections else params
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: small convolutions gain nothing from threads and
+    lose a lot when the CPU is shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_synthetic() -> dict:
     """The ``data.synthetic`` section of a tiny generated tree (fresh copy per use)."""

@@ -65,6 +65,7 @@ def git_env() -> dict[str, str]:
 def run(cmd: list[str], repo: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
     env = git_env()
     env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(repo)  # stages import the repo's own simprop/ (the code DVC hashes), not the installed one
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -201,25 +202,23 @@ def test_bad_params_fail_before_any_work(pipeline, tmp_path):
     assert sorted(p.name for p in (repo / "models").iterdir()) == before
 
 
+def _evaluate_without(repo: Path, path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run the fbaf fold-0 evaluation with ``path`` moved away (and put back afterwards)."""
+    saved = tmp_path / path.name
+    shutil.move(path, saved)
+    try:
+        return run([sys.executable, "stages/evaluate.py", "--variant", "fbaf", "--fold", "0"], repo, check=False)
+    finally:
+        shutil.move(saved, path)
+
+
 def test_missing_checkpoint_and_episode_file_give_clear_errors(pipeline, tmp_path):
     repo = pipeline
-    best = repo / "models" / "fbaf" / "fold0" / "best.pt"
-    moved = tmp_path / "best.pt"
-    shutil.move(best, moved)
-    try:
-        result = run([sys.executable, "stages/evaluate.py", "--variant", "fbaf", "--fold", "0"], repo, check=False)
-    finally:
-        shutil.move(moved, best)
+    result = _evaluate_without(repo, repo / "models" / "fbaf" / "fold0" / "best.pt", tmp_path)
     assert result.returncode == 2
     assert "best.pt" in result.stderr and "does not exist" in result.stderr
 
-    episodes = repo / "data" / "episodes" / "fold0" / "test_seed2.csv"
-    saved = tmp_path / "test_seed2.csv"
-    shutil.move(episodes, saved)
-    try:
-        result = run([sys.executable, "stages/evaluate.py", "--variant", "fbaf", "--fold", "0"], repo, check=False)
-    finally:
-        shutil.move(saved, episodes)
+    result = _evaluate_without(repo, repo / "data" / "episodes" / "fold0" / "test_seed2.csv", tmp_path)
     assert result.returncode == 2
     assert "test_seed2.csv" in result.stderr
 
@@ -429,7 +428,7 @@ def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
         run([sys.executable, "stages/features.py"], repo)
         params_path.write_text(original)  # the train stage's own params are unchanged
         result = run([sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"], repo)
-        assert "was trained with other params; starting from scratch" in result.stdout
+        assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
         assert "resuming" not in result.stdout
         summary = json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())
         assert summary["steps"] == 6 and summary["resumed_from_epoch"] is None
@@ -439,3 +438,36 @@ def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
             shutil.rmtree(src, ignore_errors=True)
             shutil.copytree(dst, src)
             shutil.rmtree(dst)
+
+
+def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_over(pipeline):
+    """DVC deletes a stage's non-persisted outputs before rerunning it (`dvc repro -f`, a code
+    change): a finished run resumed with no epoch left still writes its curves, and a change
+    of the training code never resumes the old last.pt."""
+    repo = pipeline
+    variant = "dpr"
+    model_dir = repo / "models" / variant / "fold0"
+    saved = repo.parent / "dpr_fold0_saved_rerun"
+    shutil.copytree(model_dir, saved)
+    curves = [repo / "plots" / "train" / kind / f"{variant}_fold0.csv" for kind in ("loss", "val")]
+    contents = [c.read_text() for c in curves]
+    losses = repo / "simprop" / "model" / "losses.py"
+    code = losses.read_text()
+    cmd = [sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"]
+    try:
+        for curve in curves:
+            curve.unlink()
+        result = run(cmd, repo)
+        assert "after completed epoch 2" in result.stdout
+        assert [c.read_text() for c in curves] == contents, "the curves come back from the checkpoint's history"
+
+        losses.write_text(code + "\n# a change to the training code\n")
+        result = run(cmd, repo)
+        assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
+        assert json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())["resumed_from_epoch"] is None
+    finally:
+        losses.write_text(code)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.copytree(saved, model_dir)
+        for curve, text in zip(curves, contents):
+            curve.write_text(text)
