@@ -194,18 +194,37 @@ def read_pairs(path: Path) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class Episode:
-    """One few-shot episode: segment ``cls`` in ``query`` from the ``supports``' masks."""
+    """One few-shot episode: segment ``cls`` in ``query`` from the ``supports``' masks.
+
+    ``mismatch_class`` / ``mismatch_supports``: supports of another class of the fold, for the
+    mismatched-support control.  ``support_class`` is the class of the supports' masks when it
+    is not ``cls`` (an episode from :meth:`mismatched`).
+    """
 
     index: int
     query: str
     cls: int
     supports: tuple[str, ...]
+    mismatch_class: int | None = None
+    mismatch_supports: tuple[str, ...] = ()
+    support_class: int | None = None
+
+    @property
+    def support_mask_class(self) -> int:
+        """The class whose mask each support contributes (``cls`` unless mismatched)."""
+        return self.cls if self.support_class is None else self.support_class
 
     def shots(self, k: int) -> tuple[str, ...]:
         """The k-shot supports: always the first ``k``, so 1-shot and k-shot results are paired."""
         if not 1 <= k <= len(self.supports):
             raise ValueError(f"episode {self.index} has {len(self.supports)} supports, asked for {k}")
         return self.supports[:k]
+
+    def mismatched(self, k: int) -> "Episode":
+        """The same query, scored for ``cls``, with the first ``k`` supports of the mismatch class."""
+        if self.mismatch_class is None or not 1 <= k <= len(self.mismatch_supports):
+            raise ValueError(f"episode {self.index} has no {k}-shot mismatched support")
+        return Episode(self.index, self.query, self.cls, self.mismatch_supports[:k], support_class=self.mismatch_class)
 
 
 def episode_header(max_shots: int) -> tuple[str, ...]:
