@@ -43,6 +43,7 @@ from simprop.features import FeatureCache
 from simprop.metrics import EpisodeMetrics, aggregate_seeds, episode_label
 from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
 from simprop.params import Params
+from simprop.precision import autocast
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +72,7 @@ class EpisodeRunner:
     device: torch.device
     batch_size: int = 16
     cache: FeatureCache | None = None
+    amp: bool = False  # evaluate.amp: the network under autocast (simprop.precision)
     _features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_computations: int = 0
 
@@ -88,8 +90,10 @@ class EpisodeRunner:
                 backbone = self.cache.get(chunk).to(self.device)
             else:
                 images = torch.stack([self.store.image(i) for i in chunk]).to(self.device)
-                backbone = self.model.backbone_features(images)
-            encoded = self.model.encode(backbone).to(torch.float16).cpu()
+                with autocast(self.device, self.amp):
+                    backbone = self.model.backbone_features(images)
+            with autocast(self.device, self.amp):
+                encoded = self.model.encode(backbone).to(torch.float16).cpu()
             self.feature_computations += len(chunk)
             for image_id, feat in zip(chunk, encoded):
                 self._features[image_id] = feat
@@ -105,8 +109,9 @@ class EpisodeRunner:
             query_feats = self.features([e.query for e in batch])
             support_feats = self.features([s for e in batch for s in e.supports])
             support_feats = support_feats.view(len(batch), shots, *support_feats.shape[1:])
-            logits = self.model(
-                query_encoded=query_feats, support_encoded=support_feats, support_masks=support_masks(self.store, batch, self.device),
+            with autocast(self.device, self.amp):
+                logits = self.model(
+                    query_encoded=query_feats, support_encoded=support_feats, support_masks=support_masks(self.store, batch, self.device),
                 out_size=(size, size),
             )["query"]  # fmt: skip
             # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
@@ -232,7 +237,7 @@ def evaluate_model(
     ev = params.evaluate
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
-    runner = EpisodeRunner(model, store, device, ev.batch_size, cache)
+    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp)
     matcher = PrototypeMatcher(store, device, model.backbone_features, ev.batch_size, cache)
     record: dict = {
         "variant": variant,
@@ -274,7 +279,7 @@ def evaluate_model(
     first = test_set(params.episodes.test_seeds[0], 1)
     reference = {"all_foreground_miou": all_foreground_metrics(store, first).summary()["miou"]}
     if untrained is not None:
-        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache)
+        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=ev.amp)
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
     record["support_use"] = support_use(record)

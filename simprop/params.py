@@ -158,6 +158,7 @@ class TrainParams:
     variants: tuple[str, ...] = VARIANTS
     folds: tuple[int, ...] = FOLDS
     lr: float = 2.5e-3
+    lr_schedule: Literal["constant", "poly"] = "constant"  # poly: lr * (1 - step / steps) ** 0.9
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 8
@@ -174,7 +175,8 @@ class TrainParams:
     iom_history_p: float = 0.3
     cache_backbone_features: bool = False  # only valid without augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False
+    amp: bool = False  # mixed precision (simprop/precision.py): bf16 on CPU, bf16/fp16 on CUDA
+    channels_last: bool = False  # channels-last memory layout for the trainable convolutions
     seed: int = 0
     val_every: int = 1
     # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
@@ -226,6 +228,7 @@ class EvaluateParams:
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
+    amp: bool = False  # the network under autocast (simprop/precision.py); controls stay float32
 
     def validate(self, key: str) -> None:
         if not self.shots:

@@ -52,6 +52,7 @@ from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model, dual_prediction_loss, save_checkpoint
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
 from simprop.params import Params, ParamsError
+from simprop.precision import amp_warning, autocast, needs_grad_scaler
 
 STATE_FILE = "state.json"
 
@@ -108,7 +109,8 @@ def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, s
     regenerated data or changed code never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
-    for key in ("epochs", "device", "processes", "variants", "folds"):
+    # raising the epoch count continues a constant-lr run; a poly schedule depends on it
+    for key in ("device", "processes", "variants", "folds") + (("epochs",) if params.train.lr_schedule == "constant" else ()):
         train.pop(key)
     relevant = {
         "variant": variant,
@@ -142,6 +144,17 @@ def training_code_digest() -> str:
             h.update(file.relative_to(package).as_posix().encode())
             h.update(file.read_bytes())
     return h.hexdigest()
+
+
+POLY_POWER = 0.9  # PFENet util/util.py poly_learning_rate (and DeepLab): lr * (1 - it / max_it) ** 0.9
+
+
+def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """``train.lr_schedule``: ``constant`` (CANet's train.py) or ``poly`` (PFENet's
+    ``poly_learning_rate``: ``base_lr * (1 - step / total_steps) ** 0.9``)."""
+    if schedule == "constant":
+        return base_lr
+    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
 
 
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
@@ -273,7 +286,12 @@ class Trainer:
                 "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
             },
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tp.amp and self.device.type == "cuda")
+        warning = amp_warning(self.device, tp.amp)
+        if warning and self.dist.is_main:
+            print(f"warning: {warning}")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.device, tp.amp))
+        if tp.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         # What the training step calls: the model itself, or its DDP wrapper that averages the
         # gradients of the trainable layers over the processes (the frozen backbone is skipped).
         self.network: torch.nn.Module = self.model
@@ -388,7 +406,7 @@ class Trainer:
         size = self.params.train.image_size
         inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats", "query_history")
                   if batch.get(k) is not None}  # fmt: skip
-        with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
+        with autocast(self.device, self.params.train.amp):
             outputs = self.network(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
             loss = dual_prediction_loss(
                 outputs, batch["query_labels"], batch["support_labels"] if self.spec.dual_prediction else None
@@ -405,7 +423,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def validate(self) -> float:
-        runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache)
+        runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache,
+                               amp=self.params.evaluate.amp)  # fmt: skip
         miou = runner.evaluate(self.val_episodes, desc="validation").miou() * 100.0
         self.model.train()
         return miou
@@ -431,6 +450,8 @@ class Trainer:
                 first = it * tp.batch_size + ctx.rank * local
                 indices = list(range(first, first + local))
                 pair_ids = [int(i) for i in order[indices]]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(tp.lr, tp.lr_schedule, epoch * per_epoch + it, tp.epochs * per_epoch)
                 loss = mean_across(ctx, self._step(self._batch(epoch, indices, pair_ids, p_ica)), self.device)
                 step = epoch * per_epoch + it
                 if not math.isfinite(loss):
