@@ -61,7 +61,7 @@ def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: in
             p.requires_grad_(True)
     counts = model.parameter_counts()
     rss_model = peak_rss_mib()
-    gen = torch.Generator(device=dev).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)  # CPU generator: ICA draws on the CPU (simprop.model.ica)
     if task == "train":
         b, k = batch, 1
         model.train()
