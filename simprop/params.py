@@ -45,7 +45,10 @@ class SyntheticParams:
     def validate(self, key: str) -> None:
         _positive(self, key, "num_sbd_images", "num_voc_images")
         for name in ("width", "height"):
-            if getattr(self, name) < 96:  # the OSLSM filter samples a 32-pixel grid: 3 x 3 at least
+            # OSLSM's filter samples rows/columns 32k + 1 (simprop/data/filters.py): a side of 96
+            # holds 3 of them (1, 33, 65). The rule's bare minimum for 3 is 66 px, but the generator
+            # sizes its objects to the image, and below 96 px they no longer pass the filter.
+            if getattr(self, name) < 96:
                 raise ParamsError(f"{key}.{name}: must be >= 96 pixels, got {getattr(self, name)}")
 
 
