@@ -94,6 +94,10 @@ class EpisodesParams:
     num_episodes: int = 1000
     num_val_episodes: int = 300
     max_shots: int = 5
+    # pairs: the query is a uniformly drawn (image, class) pair, then distinct supports of its class
+    # (OSLSM, CANet, HSNet, PFENet: classes in proportion to their pair counts); uniform: a class
+    # uniformly among the fold's five, then query and supports among its images
+    class_sampling: Literal["pairs", "uniform"] = "pairs"
 
     def validate(self, key: str) -> None:
         _positive(self, key, "num_episodes", "num_val_episodes", "max_shots")
@@ -213,8 +217,13 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     shots: tuple[int, ...] = (1, 5)
-    image_size: int = 321  # network input size; scores are computed at the original label size
-    resolution: Literal["original"] = "original"
+    image_size: int = 321  # network input size
+    # the label the prediction is scored against: original = the label's own size (HSNet, PFENet);
+    # 321 = the label resized (nearest) to 321 x 321, as CANet's code scores (the paper's baselines)
+    resolution: Literal["original", "321"] = "original"
+    # void (255) pixels: ignore = in neither intersection nor union (HSNet, PFENet, CANet's loss);
+    # background = counted as background (OSLSM's test code)
+    void: Literal["ignore", "background"] = "ignore"
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
@@ -376,6 +385,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return _build(tp, value, key, source)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in choices:
+            value = str(value)  # `-S evaluate.resolution=321` arrives as an integer
         if value not in choices:
             raise ParamsError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(choices)}")
         return value
