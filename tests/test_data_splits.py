@@ -17,7 +17,16 @@ from simprop.data.filters import (
 )
 from simprop.data.io import read_id_list, read_pairs
 from simprop.data.layout import DataLayout
-from simprop.data.splits import build_splits, pools
+from simprop.data.splits import (
+    PUBLISHED_LISTS,
+    PUBLISHED_OSLSM,
+    build_splits,
+    compare_with_published,
+    list_digest,
+    pools,
+    published_lines,
+    published_warning,
+)
 from simprop.data.voc import fold_classes
 
 
@@ -180,3 +189,55 @@ def test_filter_choice_changes_the_pairs_and_only_listed_folds_are_written(data_
     assert "fold0" not in unfiltered
     assert unfiltered["fold2"]["test_pairs"] > oslsm["fold2"]["test_pairs"]
     assert unfiltered["fold2"]["train_pairs"] > oslsm["fold2"]["train_pairs"]
+
+
+# ---------------------------------------------------------------------------- published lists (issue 10)
+
+
+def test_published_list_lines_and_md5():
+    """HSNet's list format, `<image>__<class 2 digits>` sorted bytewise, each line ending in a newline."""
+    import hashlib
+
+    pairs = [("2008_000002", 20), ("2007_000033", 12), ("2007_000033", 1), ("2007_000129", 2)]
+    text = "2007_000033__01\n2007_000033__12\n2007_000129__02\n2008_000002__20\n"
+    assert published_lines(pairs) == text.encode()
+    assert list_digest(pairs) == (4, hashlib.md5(text.encode()).hexdigest())
+    assert list_digest(reversed(pairs)) == list_digest(pairs)  # order of the input does not matter
+    # the published values are the ones in the reference notes (protocol.md section 3)
+    assert PUBLISHED_LISTS["val"][2] == (725, "b7d01149959ae68c2147f60963998fdc")
+    assert [PUBLISHED_LISTS["trn"][f][0] for f in range(4)] == list(PUBLISHED_OSLSM["val_pairs"])
+    assert [PUBLISHED_LISTS["val"][f][0] for f in range(4)] == list(PUBLISHED_OSLSM["test_pairs"])
+
+
+def test_comparison_with_the_published_lists(monkeypatch):
+    val, test = [("a", 1), ("b", 2)], [("c", 3)]
+    monkeypatch.setitem(PUBLISHED_LISTS, "trn", {0: list_digest(val)})
+    monkeypatch.setitem(PUBLISHED_LISTS, "val", {0: (1, "0" * 32)})
+    result = compare_with_published({0: {"train": [], "val": val, "test": test}})
+    assert result[0]["trn"]["matches_published"] is True and result[0]["trn"]["pairs"] == 2
+    assert result[0]["val"]["matches_published"] is False and result[0]["val"]["md5"] == list_digest(test)[1]
+    warning = published_warning(result)
+    assert "fold0 val (our test.csv)" in warning and "fold0 trn" not in warning
+    assert published_warning({0: {"trn": result[0]["trn"]}}) is None
+
+
+def test_splits_stage_checks_the_published_lists_only_for_voc_and_oslsm(data_pipeline, copy_tree, tmp_path):
+    source, params, synthetic = data_pipeline
+    assert synthetic["published_lists"]["checked"] is False and synthetic["published_lists"]["matches_all"] is None
+    assert all(synthetic[f"fold{f}"]["matches_published"] == {"trn": None, "val": None} for f in range(4))
+    layout = DataLayout(tmp_path / "data")
+    copy_tree(source.raw, "data/raw")
+    copy_tree(source.aug, "data/SegmentationClassAug")
+    metrics = build_splits(layout, params.splits, tmp_path / "m.json", workers=1, progress=False, data_source="voc")
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+    published = metrics["published_lists"]
+    assert published["checked"] is True and published["matches_all"] is False  # a generated tree is not VOC
+    for fold in range(4):
+        assert metrics[f"fold{fold}"]["matches_published"] == {"trn": False, "val": False}
+        entry = published[f"fold{fold}"]["val"]
+        assert entry["pairs"] == metrics[f"fold{fold}"]["test_pairs"]
+        assert entry["md5"] == list_digest(read_pairs(layout.split_file(fold, "test")))[1]
+        assert entry["published_md5"] == PUBLISHED_LISTS["val"][fold][1]
+    pfenet = dataclasses.replace(params.splits, protocol="pfenet")
+    other = build_splits(layout, pfenet, tmp_path / "p.json", workers=1, progress=False, data_source="voc")
+    assert other["published_lists"]["checked"] is False
