@@ -1,9 +1,13 @@
 """Few-shot evaluation on fixed episode files (protocol.md §5).
 
-Scores are computed at the original label resolution with 255 ignored: the
-network sees square ``image_size`` inputs, its logits are upsampled bilinearly to
-each query's label size, and the per-class TP/FP/FN are pooled over episodes by
-:class:`simprop.metrics.EpisodeMetrics`.
+The network sees square ``image_size`` inputs; its logits are upsampled bilinearly to the size
+of the label it is scored against (:func:`simprop.metrics.scoring_label`): the query's original
+label (``evaluate.resolution: original``, HSNet / PFENet) or the label resized (nearest) to
+321 x 321 (``321``, CANet's code, which gave the paper's baseline numbers); void pixels are
+ignored (``evaluate.void: ignore``) or background (``background``, OSLSM). The per-class
+TP/FP/FN are pooled over episodes by :class:`simprop.metrics.EpisodeMetrics`, whose mIoU is over
+the fold's five classes (a class without a defined IoU counts as 0; ``classes_scored`` says how
+many had one).
 
 Each image's frozen backbone features are computed once per evaluation (or read
 from the shared feature cache), not once per episode it appears in: an image is
@@ -33,8 +37,9 @@ from simprop.datasets import (
     support_mask,
 )
 from simprop.features import FeatureCache
-from simprop.metrics import EpisodeMetrics, aggregate_seeds, episode_label
+from simprop.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
 from simprop.params import Params
+from simprop.voc import fold_classes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,8 +55,8 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class Prediction:
     episode: Episode
-    pred: np.ndarray  # bool [H, W] at the original label size
-    label: np.ndarray  # uint8 {0, 1, 255} episode label at the original size
+    pred: np.ndarray  # bool [H, W] at the scoring size (the original label's, or 321 x 321)
+    label: np.ndarray  # uint8 {0, 1, 255} episode label at that size (see simprop.metrics.scoring_label)
 
 
 @dataclass
@@ -63,6 +68,9 @@ class EpisodeRunner:
     device: torch.device
     batch_size: int = 16
     cache: FeatureCache | None = None
+    resolution: str = "original"  # evaluate.resolution
+    void: str = "ignore"  # evaluate.void
+    classes: tuple[int, ...] | None = None  # the fold's classes: the mIoU is their mean
     _features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_computations: int = 0
 
@@ -110,23 +118,34 @@ class EpisodeRunner:
             # linear: upsample the one-channel margin instead of both logits (half the work).
             margins = (logits[:, 1:2] - logits[:, 0:1]).float()
             for episode, margin in zip(batch, margins):
-                label = self.store.label(episode.query)
+                label = self.scoring_label(episode)
                 full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
                 pred = (full[0, 0] > 0).cpu().numpy()
-                yield Prediction(episode, pred, episode_label(label, episode.cls))
+                yield Prediction(episode, pred, label)
+
+    def scoring_label(self, episode: Episode) -> np.ndarray:
+        """The query's episode label in this runner's scoring convention."""
+        return scoring_label(self.store.label(episode.query), episode.cls, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:
-        metrics = EpisodeMetrics()
+        metrics = EpisodeMetrics(self.classes)
         for p in self.predict(episodes, desc=desc):
             metrics.update(p.pred, p.label, p.episode.cls)
         return metrics
 
 
-def all_foreground_metrics(store: ImageStore, episodes: Iterable[Episode]) -> EpisodeMetrics:
+def all_foreground_metrics(
+    store: ImageStore,
+    episodes: Iterable[Episode],
+    *,
+    resolution: str = "original",
+    void: str = "ignore",
+    classes: tuple[int, ...] | None = None,
+) -> EpisodeMetrics:
     """The trivial predictor that marks every pixel as foreground (a floor for any model)."""
-    metrics = EpisodeMetrics()
+    metrics = EpisodeMetrics(classes)
     for e in episodes:
-        label = episode_label(store.label(e.query), e.cls)
+        label = scoring_label(store.label(e.query), e.cls, resolution=resolution, void=void)
         metrics.update(np.ones(label.shape, dtype=bool), label, e.cls)
     return metrics
 
@@ -155,7 +174,8 @@ def evaluate_model(
     ev = params.evaluate
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
-    runner = EpisodeRunner(model, store, device, ev.batch_size, cache)
+    scoring = dict(resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))
+    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, **scoring)
     record: dict = {
         "variant": variant,
         "fold": fold,
@@ -164,8 +184,11 @@ def evaluate_model(
         "data_source": params.data.source,
         "episodes": params.episodes.num_episodes,
         "seeds": list(params.episodes.test_seeds),
+        "class_sampling": params.episodes.class_sampling,
         "resolution": ev.resolution,
+        "void": ev.void,
         "image_size": ev.image_size,
+        "miou_classes": "the fold's 5 classes; a class without a defined IoU counts as 0 (classes_scored)",
     }
     started = time.perf_counter()
     for shots in ev.shots:
@@ -184,10 +207,11 @@ def evaluate_model(
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
-        record["identical"] = {"miou": summary["miou"], "fbiou": summary["fbiou"], "class_iou": summary["class_iou"]}
-    reference = {"all_foreground_miou": all_foreground_metrics(store, first).summary()["miou"]}
+        record["identical"] = {"miou": summary["miou"], "fbiou": summary["fbiou"], "class_iou": summary["class_iou"],
+                               "classes_scored": summary["classes_scored"]}  # fmt: skip
+    reference = {"all_foreground_miou": all_foreground_metrics(store, first, **scoring).summary()["miou"]}
     if untrained is not None:
-        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache)
+        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, **scoring)
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
     record["feature_computations"] = runner.feature_computations
