@@ -10,8 +10,9 @@ original label resolution.  Void pixels count in neither intersection nor union.
 * ``mIoU``  = mean of ``IoU_c`` over the fold's classes when the accumulator knows them
   (``EpisodeMetrics(classes=fold_classes(fold))``, what evaluation does): a class without
   episodes, or whose pooled union is empty, **counts as 0**, as in the references (HSNet
-  ``common/evaluation.py`` / ``common/logger.py``: IoU = intersection / max(union, 1) over the
-  fold's 5 classes; CANet's ``train.py`` divides by 5 too). Without ``classes`` the mean is over
+  ``common/logger.py`` ``AverageMeter.compute_iou``: intersection / max(union, 1) over the fold's
+  5 classes; CANet's ``train.py`` also averages its 5 classes, and fails on a class without
+  episodes). Without ``classes`` the mean is over
   the classes that were seen. Either way ``summary()["classes_scored"]`` says how many classes
   had a defined IoU, so a short run never drops a class silently.
 * ``FB-IoU`` = mean of the foreground IoU and the background IoU, each pooled over
