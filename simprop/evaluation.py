@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from simprop.datasets import (
@@ -236,11 +237,14 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     rows = []
     for p in runner.predict(episodes, desc="qualitative"):
         support = p.episode.supports[0]
+        query = runner.store.raw_image(p.episode.query)
+        if query.shape[:2] != p.pred.shape:  # scored on 321 x 321 labels: show the query at that size
+            query = np.asarray(Image.fromarray(query).resize(p.pred.shape[::-1], Image.Resampling.BILINEAR))
         rows.append(
             {
                 "support": runner.store.raw_image(support),
                 "support_mask": runner.store.label(support) == p.episode.cls,
-                "query": runner.store.raw_image(p.episode.query),
+                "query": query,
                 "pred": p.pred,
                 "label": p.label,
                 "caption": f"{p.episode.query} class {p.episode.cls}",

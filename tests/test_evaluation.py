@@ -106,3 +106,15 @@ def test_scoring_conventions_change_what_the_prediction_is_scored_against(setup)
     # the mean is over the fold's five classes, whatever the eight episodes hold
     assert ignore.summary()["classes_in_mean"] == 5
     assert ignore.miou() == pytest.approx(sum(v for v in ignore.class_iou().values() if not np.isnan(v)) / 5)
+
+
+def test_qualitative_panels_at_the_321_scoring_size(data_pipeline, setup, tmp_path):
+    from simprop.evaluation import qualitative_rows
+    from simprop.visualize import save_qualitative
+
+    layout, params, _ = data_pipeline
+    paths, store, model = setup
+    runner = EpisodeRunner(model, store, torch.device("cpu"), batch_size=4, resolution="321")
+    rows = qualitative_rows(params, runner, 0, layout.root.parent, 2)
+    assert [r["query"].shape for r in rows] == [(321, 321, 3)] * 2 and rows[0]["pred"].shape == (321, 321)
+    assert save_qualitative(rows, tmp_path / "q.png", title="321").is_file()
