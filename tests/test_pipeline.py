@@ -294,7 +294,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.rmtree(model_dir)
     state_file = model_dir / "state.json"
-    env = git_env()
+    env = {**git_env(), "PYTHONPATH": str(repo)}  # the repo's own simprop/, as run() uses, not an installed one
     try:
         proc = subprocess.Popen(
             [sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"],
