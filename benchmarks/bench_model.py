@@ -1,7 +1,8 @@
-"""Model throughput and memory on the CPU, per variant (a script, not a test).
+"""Model throughput and memory per variant, on the CPU or a GPU (a script, not a test).
 
     python benchmarks/bench_model.py [--variants canet,dpr] [--modes no_grad,autograd,cached]
                                      [--threads 2] [--size 321] [--batch 8] [--reps 1] [--warmup 1]
+                                     [--device cpu|cuda] [--precisions fp32,bf16] [--channels-last]
 
 For each variant and mode, in a fresh subprocess (so the peak RSS belongs to that case):
 
@@ -14,6 +15,12 @@ Modes: ``no_grad`` = frozen backbone run under ``torch.no_grad()`` (what the mod
 a backbone is "frozen" only by leaving it out of the optimizer (and evaluation without
 ``no_grad``); ``cached`` = backbone features precomputed (feature cache), trainable part only.
 The random ('none') backbone is used: timings do not depend on the weights' values.
+
+Precisions: ``fp32``, or ``bf16`` = the model under :func:`simprop.precision.autocast` (what
+``train.amp: true`` does: bf16 autocast on the CPU and on bf16-capable GPUs, fp16 with a
+gradient scaler on older GPUs).  ``--channels-last`` also times each case with the model and
+inputs in channels-last memory layout.  On a GPU every timed step ends with
+``torch.cuda.synchronize()`` and the peak is the GPU's allocated memory.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from simprop.model import VARIANTS, apply_input_channel_averaging, build_model, dual_prediction_loss
 from simprop.params import ModelParams
+from simprop.precision import amp_dtype, autocast, needs_grad_scaler
 
 MODES = ("no_grad", "autograd", "cached")
 SHOTS_EVAL = 5
@@ -40,51 +48,61 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: int, warmup: int) -> dict:
+def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: int, warmup: int,
+             device: str = "cpu", precision: str = "fp32", channels_last: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(0)
-    model = build_model(variant, ModelParams())
+    dev = torch.device(device)
+    amp = precision == "bf16"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(variant, ModelParams()).to(dev, memory_format=layout)
     if mode == "autograd":
         model.backbone_no_grad = False
         for p in model.backbone.parameters():
             p.requires_grad_(True)
     counts = model.parameter_counts()
     rss_model = peak_rss_mib()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=dev).manual_seed(0)
     if task == "train":
         b, k = batch, 1
         model.train()
         opt = torch.optim.SGD(model.trainable_parameters(), lr=2.5e-3, momentum=0.9, weight_decay=5e-4)
+        scaler = torch.amp.GradScaler(dev.type, enabled=needs_grad_scaler(dev, amp))
     else:
         b, k = 1, SHOTS_EVAL
         model.eval()
-    q = torch.randn(b, 3, size, size)
-    s = torch.randn(b, k, 3, size, size)
-    m = torch.zeros(b, k, size, size)
+    q = torch.randn(b, 3, size, size, device=dev).contiguous(memory_format=layout)
+    s = torch.randn(b, k, 3, size, size, device=dev)
+    m = torch.zeros(b, k, size, size, device=dev)
     m[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     labels = m[:, 0].long()
     if mode == "cached":
-        qf = model.backbone_features(q)
-        sf = model.backbone_features(s.flatten(0, 1)).view(b, k, *qf.shape[1:])
+        with autocast(dev, amp):
+            qf = model.backbone_features(q)
+            sf = model.backbone_features(s.flatten(0, 1)).view(b, k, *qf.shape[1:])
         rss_model = peak_rss_mib()  # the cache is part of the input, not of the step
 
     def step() -> None:
         if task == "train":
-            query = apply_input_channel_averaging(q, ICA_P, gen) if model.uses_ica else q
-            if mode == "cached":
-                out = model(support_masks=m, query_feats=qf, support_feats=sf, out_size=(size, size))
-            else:
-                out = model(query, s, m)
-            loss = dual_prediction_loss(out, labels, m.long())
+            query = apply_input_channel_averaging(q, ICA_P, gen.manual_seed(0)) if model.uses_ica else q
+            with autocast(dev, amp):
+                if mode == "cached":
+                    out = model(support_masks=m, query_feats=qf, support_feats=sf, out_size=(size, size))
+                else:
+                    out = model(query, s, m)
+                loss = dual_prediction_loss(out, labels, m.long() if "support" in out else None)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         else:
             ctx = torch.enable_grad() if mode == "autograd" else torch.no_grad()
-            with ctx:
+            with ctx, autocast(dev, amp):
                 if mode == "cached":
                     model(support_masks=m, query_feats=qf, support_feats=sf, out_size=(size, size))
                 else:
                     model(q, s, m)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     times = []
     for _ in range(warmup + reps):  # warm-up runs: allocator, oneDNN kernels
@@ -96,10 +114,14 @@ def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: in
         "variant": variant,
         "mode": mode,
         "task": task,
+        "device": device,
+        "precision": precision if not amp else f"{precision} ({str(amp_dtype(dev)).replace('torch.', '')} autocast)",
+        "channels_last": channels_last,
         "seconds": min(timed),
         "seconds_all": timed,
         "warmup_s": times[:warmup],
         "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
         "rss_before_step_mib": rss_model,
         **counts,
     }
@@ -116,26 +138,38 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (train.amp's autocast)")
+    ap.add_argument("--channels-last", action="store_true", help="also time every case in channels-last layout")
     ap.add_argument("--_case", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--_task", help=argparse.SUPPRESS)
+    ap.add_argument("--_precision", default="fp32", help=argparse.SUPPRESS)
+    ap.add_argument("--_layout", default="contiguous", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     if args._case:  # child process: one case, JSON on stdout
-        row = run_case(*args._case, args._task, args.size, args.batch, args.reps, args.warmup)
+        row = run_case(*args._case, args._task, args.size, args.batch, args.reps, args.warmup, args.device,
+                       args._precision, args._layout == "channels_last")  # fmt: skip
         print(json.dumps(row))
         return
 
     variants = args.variants.split(",")
     modes = args.modes.split(",")
+    precisions = args.precisions.split(",")
+    layouts = ["contiguous", "channels_last"] if args.channels_last else ["contiguous"]
     for v in variants:
         if v not in VARIANTS:
             sys.exit(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
     for mo in modes:
         if mo not in MODES:
             sys.exit(f"unknown mode {mo!r}; choose from {list(MODES)}")
+    for pr in precisions:
+        if pr not in ("fp32", "bf16"):
+            sys.exit(f"unknown precision {pr!r}; choose from fp32, bf16")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads, cpu count {os.cpu_count()}"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, cpu count {os.cpu_count()}, "
+        f"torch {torch.__version__}, {args.device} ({where}), "
         f"input {args.size}x{args.size}, train batch {args.batch} (1-shot), eval 1 episode x {SHOTS_EVAL} shots, "
         f"best of {args.reps} after {args.warmup} warm-up run(s)",
         flush=True,
@@ -144,19 +178,21 @@ def main() -> None:
     for task in args.tasks.split(","):
         for v in variants:
             for mo in modes:
-                cmd = [sys.executable, __file__, "--_case", v, mo, "--_task", task, "--threads", str(args.threads),
-                       "--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps),
-                       "--warmup", str(args.warmup)]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode != 0:
-                    print(res.stderr, file=sys.stderr)
-                    sys.exit(f"case {task} {v} {mo} failed")
-                row = json.loads(res.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(
-                    f"  {task:6s} {v:11s} {mo:9s} {row['seconds']:8.2f} s   peak RSS {row['peak_rss_mib']:8.0f} MiB",
-                    flush=True,
-                )
+                for pr in precisions:
+                    for layout in layouts:
+                        cmd = [sys.executable, __file__, "--_case", v, mo, "--_task", task, "--threads", str(args.threads),
+                               "--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps),
+                               "--warmup", str(args.warmup), "--device", args.device, "--_precision", pr,
+                               "--_layout", layout]  # fmt: skip
+                        res = subprocess.run(cmd, capture_output=True, text=True)
+                        if res.returncode != 0:
+                            print(res.stderr, file=sys.stderr)
+                            sys.exit(f"case {task} {v} {mo} {pr} {layout} failed")
+                        row = json.loads(res.stdout.strip().splitlines()[-1])
+                        rows.append(row)
+                        memory = row["peak_gpu_mib"] if row["peak_gpu_mib"] is not None else row["peak_rss_mib"]
+                        print(f"  {task:6s} {v:11s} {mo:9s} {pr:5s} {layout:14s} {row['seconds']:8.3f} s   "
+                              f"peak {'GPU' if row['peak_gpu_mib'] is not None else 'RSS'} {memory:8.0f} MiB", flush=True)  # fmt: skip
     print()
     print("| variant | trainable params | frozen params |")
     print("| --- | ---: | ---: |")
@@ -166,11 +202,13 @@ def main() -> None:
             seen.add(r["variant"])
             print(f"| {r['variant']} | {r['trainable']:,} | {r['frozen']:,} |")
     print()
-    print("| task | variant | backbone | time (s) | peak RSS (MiB) |")
-    print("| --- | --- | --- | ---: | ---: |")
+    print("| task | variant | backbone | precision | layout | time (s) | peak memory (MiB) |")
+    print("| --- | --- | --- | --- | --- | ---: | ---: |")
     for r in rows:
         label = "train step (fwd+bwd+SGD)" if r["task"] == "train" else "5-shot episode forward"
-        print(f"| {label} | {r['variant']} | {r['mode']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} |")
+        memory = r["peak_gpu_mib"] if r["peak_gpu_mib"] is not None else r["peak_rss_mib"]
+        layout = "channels_last" if r["channels_last"] else "contiguous"
+        print(f"| {label} | {r['variant']} | {r['mode']} | {r['precision']} | {layout} | {r['seconds']:.3f} | {memory:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

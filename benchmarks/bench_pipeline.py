@@ -56,7 +56,7 @@ def main() -> None:
     batches = []
     for i in range(args.steps):
         indices = list(range(i * tp.batch_size, (i + 1) * tp.batch_size))
-        batches.append(trainer._batch(0, indices, [trainer.pairs[j % len(trainer.pairs)] for j in indices], 0.25))
+        batches.append(trainer._batch(0, indices, [j % len(trainer.pairs) for j in indices], 0.25))
     trainer.model.train()
     trainer._step(batches[0])  # warm-up
     start = time.perf_counter()

@@ -76,6 +76,15 @@ def mean_across(ctx: DistContext, value: float, device: torch.device) -> float:
     return float(t.item()) / ctx.world_size
 
 
+def gather_across(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on all ranks) concatenated along dim 0, in rank order."""
+    if not ctx.enabled:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def destroy(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -12,6 +12,12 @@ many had one).
 Each image's frozen backbone features are computed once per evaluation (or read
 from the shared feature cache), not once per episode it appears in: an image is
 a query in one episode and a support in many others.
+
+Every evaluation carries the controls that tell whether a model uses its support
+(:func:`evaluate_model`): the parameter-free prototype matcher on the same frozen
+features (:class:`PrototypeMatcher`), the trained model with a *mismatched* support
+(the episode file's supports of another class of the fold), the identical-input test,
+the all-foreground predictor and the untrained network.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from simprop.datasets import (
+    DataError,
     DataPaths,
     Episode,
     ImageStore,
@@ -39,7 +46,9 @@ from simprop.datasets import (
 )
 from simprop.features import FeatureCache
 from simprop.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
+from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
 from simprop.params import Params
+from simprop.precision import autocast
 from simprop.voc import fold_classes
 
 
@@ -69,6 +78,7 @@ class EpisodeRunner:
     device: torch.device
     batch_size: int = 16
     cache: FeatureCache | None = None
+    amp: bool = False  # evaluate.amp: the network under autocast (simprop.precision)
     resolution: str = "original"  # evaluate.resolution
     void: str = "ignore"  # evaluate.void
     classes: tuple[int, ...] | None = None  # the fold's classes: the mIoU is their mean
@@ -89,15 +99,14 @@ class EpisodeRunner:
                 backbone = self.cache.get(chunk).to(self.device)
             else:
                 images = torch.stack([self.store.image(i) for i in chunk]).to(self.device)
-                backbone = self.model.backbone_features(images)
-            encoded = self.model.encode(backbone).to(torch.float16).cpu()
+                with autocast(self.device, self.amp):
+                    backbone = self.model.backbone_features(images)
+            with autocast(self.device, self.amp):
+                encoded = self.model.encode(backbone).to(torch.float16).cpu()
             self.feature_computations += len(chunk)
             for image_id, feat in zip(chunk, encoded):
                 self._features[image_id] = feat
         return torch.stack([self._features[i] for i in image_ids]).to(self.device, torch.float32)
-
-    def _mask(self, image_id: str, cls: int) -> torch.Tensor:
-        return support_mask(resize_label(self.store.label(image_id), self.store.image_size), cls)
 
     @torch.no_grad()
     def predict(self, episodes: list[Episode], desc: str = "episodes") -> Iterator[Prediction]:
@@ -107,32 +116,104 @@ class EpisodeRunner:
             batch = episodes[start : start + self.batch_size]
             shots = len(batch[0].supports)
             query_feats = self.features([e.query for e in batch])
-            support_ids = [s for e in batch for s in e.supports]
-            support_feats = self.features(support_ids)
+            support_feats = self.features([s for e in batch for s in e.supports])
             support_feats = support_feats.view(len(batch), shots, *support_feats.shape[1:])
-            masks = torch.stack([self._mask(s, e.cls) for e in batch for s in e.supports]).to(self.device)
-            masks = masks.view(len(batch), shots, size, size)
-            logits = self.model(
-                query_encoded=query_feats, support_encoded=support_feats, support_masks=masks, out_size=(size, size)
-            )["query"]
+            with autocast(self.device, self.amp):
+                logits = self.model(
+                    query_encoded=query_feats, support_encoded=support_feats, support_masks=support_masks(self.store, batch, self.device),
+                out_size=(size, size),
+            )["query"]  # fmt: skip
             # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
             # linear: upsample the one-channel margin instead of both logits (half the work).
             margins = (logits[:, 1:2] - logits[:, 0:1]).float()
-            for episode, margin in zip(batch, margins):
-                label = self.scoring_label(episode)
-                full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
-                pred = (full[0, 0] > 0).cpu().numpy()
-                yield Prediction(episode, pred, label)
-
-    def scoring_label(self, episode: Episode) -> np.ndarray:
-        """The query's episode label in this runner's scoring convention."""
-        return scoring_label(self.store.label(episode.query), episode.cls, resolution=self.resolution, void=self.void)
+            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:
-        metrics = EpisodeMetrics(self.classes)
-        for p in self.predict(episodes, desc=desc):
-            metrics.update(p.pred, p.label, p.episode.cls)
-        return metrics
+        return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
+
+
+def support_masks(store: ImageStore, batch: list[Episode], device: torch.device) -> torch.Tensor:
+    """[B, K, S, S] {0,1} masks of every episode's supports, for its support mask class."""
+    size = store.image_size
+    masks = [support_mask(resize_label(store.label(s), size), e.support_mask_class) for e in batch for s in e.supports]
+    return torch.stack(masks).to(device).view(len(batch), len(batch[0].supports), size, size)
+
+
+def score_margins(
+    store: ImageStore, batch: list[Episode], margins: torch.Tensor, *, resolution: str = "original", void: str = "ignore"
+) -> Iterator[Prediction]:
+    """Predictions of ``batch`` from foreground-minus-background margins [B,1,h,w]: each is
+    upsampled bilinearly to the size of the label it is scored against (the query's own, or
+    321 x 321; :func:`simprop.metrics.scoring_label`) and thresholded at 0."""
+    for episode, margin in zip(batch, margins):
+        label = scoring_label(store.label(episode.query), episode.cls, resolution=resolution, void=void)
+        full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
+        yield Prediction(episode, (full[0, 0] > 0).cpu().numpy(), label)
+
+
+def evaluate_predictions(predictions: Iterable[Prediction], classes: tuple[int, ...] | None = None) -> EpisodeMetrics:
+    """Pool predictions; ``classes``: the fold's classes the mIoU is a mean over (missing ones count 0)."""
+    metrics = EpisodeMetrics(classes)
+    for p in predictions:
+        metrics.update(p.pred, p.label, p.episode.cls)
+    return metrics
+
+
+@dataclass
+class PrototypeMatcher:
+    """The parameter-free control: per pixel, is the query feature closer (cosine) to the
+    supports' foreground prototype than to their background prototype?
+
+    It reads the same frozen layer2 ⊕ layer3 features the networks start from, pools the
+    prototypes with the networks' own :func:`~simprop.model.prototypes.masked_average_pool`
+    (eq. 1, averaged over the shots as eq. 4), and scores its margin
+    ``cos(F_q, Z^f) - cos(F_q, Z^b)`` exactly like a network's logit margin
+    (:func:`score_margins`).  A trained network that scores below it has learned nothing
+    the features did not already give; one that scores like it with any support has
+    learned saliency.  ``backbone``: images [N,3,S,S] -> features, used without a cache.
+    """
+
+    store: ImageStore
+    device: torch.device
+    backbone: Callable[[torch.Tensor], torch.Tensor]
+    batch_size: int = 16
+    cache: FeatureCache | None = None
+    resolution: str = "original"  # scored like the network (evaluate.resolution / evaluate.void)
+    void: str = "ignore"
+    classes: tuple[int, ...] | None = None
+
+    @torch.no_grad()
+    def features(self, image_ids: list[str]) -> torch.Tensor:
+        if self.cache is not None:
+            return self.cache.get(image_ids).to(self.device)
+        images = torch.stack([self.store.image(i) for i in image_ids]).to(self.device)
+        return self.backbone(images).float()
+
+    @torch.no_grad()
+    def margins(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Margins [B,1,h,w] of query features [B,C,h,w], supports [B,K,C,h,w], masks [B,K,S,S]."""
+        batch, shots = masks.shape[:2]
+        flat_masks = masks.flatten(0, 1)
+        zf, zb = masked_average_pool(supports.flatten(0, 1), flat_masks)
+        fg_empty, bg_empty = region_is_empty(flat_masks, tuple(supports.shape[-2:]))
+        zf = average_shots(zf.view(batch, shots, -1), fg_empty.view(batch, shots))
+        zb = average_shots(zb.view(batch, shots, -1), bg_empty.view(batch, shots))
+        cos_fg = F.cosine_similarity(query, zf[:, :, None, None], dim=1)
+        cos_bg = F.cosine_similarity(query, zb[:, :, None, None], dim=1)
+        return (cos_fg - cos_bg).unsqueeze(1)
+
+    def predict(self, episodes: list[Episode], desc: str = "prototype matcher") -> Iterator[Prediction]:
+        for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):
+            batch = episodes[start : start + self.batch_size]
+            shots = len(batch[0].supports)
+            query = self.features([e.query for e in batch])
+            supports = self.features([s for e in batch for s in e.supports])
+            supports = supports.view(len(batch), shots, *supports.shape[1:])
+            margins = self.margins(query, supports, support_masks(self.store, batch, self.device))
+            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
+
+    def evaluate(self, episodes: list[Episode], desc: str = "prototype matcher") -> EpisodeMetrics:
+        return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
 
 
 def all_foreground_metrics(
@@ -167,16 +248,23 @@ def evaluate_model(
     untrained: torch.nn.Module | None = None,
     log=None,
 ) -> tuple[dict, EpisodeRunner]:
-    """All test sets, shots, the identical-input test and the reference predictors.
+    """All test sets and shots, the identical-input test, and the support-use controls.
 
-    Returns the metrics record (docs/architecture.md, percent) and the runner so the
-    caller can draw qualitative examples from its memoised features.
+    Per test set and shot: the model and the prototype matcher; per test set, 1-shot: the
+    model with the mismatched support; on the first test set: the all-foreground predictor
+    and the untrained network.  ``support_use`` holds the gains the controls are read by:
+    ``support_gain`` = 1-shot mIoU - mismatched-support mIoU, ``shot5_gain`` = 5-shot - 1-shot,
+    ``identical_gain`` = identical input - 1-shot, ``matcher_gain`` = 1-shot - the matcher's
+    1-shot (means over the test sets).  Returns the metrics record (docs/architecture.md,
+    percent) and the runner so the caller can draw qualitative examples from its memoised
+    features.
     """
     ev = params.evaluate
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
     scoring = dict(resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))
-    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, **scoring)
+    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
+    matcher = PrototypeMatcher(store, device, model.backbone_features, ev.batch_size, cache, **scoring)
     record: dict = {
         "variant": variant,
         "fold": fold,
@@ -189,35 +277,70 @@ def evaluate_model(
         "resolution": ev.resolution,
         "void": ev.void,
         "image_size": ev.image_size,
+        "iom_iterations": getattr(model, "iom_iterations", 0),
         "miou_classes": "the fold's 5 classes; a class without a defined IoU counts as 0 (classes_scored)",
     }
     started = time.perf_counter()
-    for shots in ev.shots:
-        per_seed = []
-        entry: dict = {}
+
+    def test_set(seed: int, shots: int) -> list[Episode]:
+        return read_episodes(paths.episode_file(fold, f"test_seed{seed}"), shots)
+
+    def over_seeds(name: str, evaluate: Callable[[list[Episode], str], EpisodeMetrics], shots: int,
+                   episodes_of: Callable[[list[Episode]], list[Episode]] = lambda e: e) -> dict:  # fmt: skip
+        entry, per_seed = {}, []
         for seed in params.episodes.test_seeds:
-            episodes = read_episodes(paths.episode_file(fold, f"test_seed{seed}"), shots)
-            summary = runner.evaluate(episodes, desc=f"{variant} fold{fold} {shots}-shot seed{seed}").summary()
+            summary = evaluate(episodes_of(test_set(seed, shots)), f"{variant} fold{fold} {name} seed{seed}").summary()
             entry[f"seed{seed}"] = summary
             per_seed.append(summary)
             if log is not None:
-                log({f"shot{shots}_seed{seed}_miou": summary["miou"], f"shot{shots}_seed{seed}_fbiou": summary["fbiou"]})
+                log({f"{name}_seed{seed}_miou": summary["miou"], f"{name}_seed{seed}_fbiou": summary["fbiou"]})
         entry.update(aggregate_seeds(per_seed))
-        record[f"shot{shots}"] = entry
-    first = read_episodes(paths.episode_file(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)
+        return entry
+
+    for shots in ev.shots:
+        record[f"shot{shots}"] = over_seeds(f"shot{shots}", runner.evaluate, shots)
+    record["mismatched"] = over_seeds("mismatched", runner.evaluate, 1, lambda eps: mismatched_episodes(eps, 1))
+    record["matcher"] = {f"shot{k}": over_seeds(f"matcher_shot{k}", matcher.evaluate, k) for k in ev.shots}
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
         record["identical"] = {"miou": summary["miou"], "fbiou": summary["fbiou"], "class_iou": summary["class_iou"],
                                "classes_scored": summary["classes_scored"]}  # fmt: skip
+    first = test_set(params.episodes.test_seeds[0], 1)
     reference = {"all_foreground_miou": all_foreground_metrics(store, first, **scoring).summary()["miou"]}
     if untrained is not None:
-        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, **scoring)
+        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
+    record["support_use"] = support_use(record)
     record["feature_computations"] = runner.feature_computations
     record["wall_time_s"] = round(time.perf_counter() - started, 2)
     return record, runner
+
+
+def mismatched_episodes(episodes: list[Episode], shots: int) -> list[Episode]:
+    """The same queries with ``shots`` supports of another class (episode files' mismatch columns)."""
+    if episodes and episodes[0].mismatch_class is None:
+        raise DataError(
+            "the episode files have no mismatched-support columns (written by an older episodes "
+            "stage); rerun `dvc repro episodes`"
+        )
+    return [e.mismatched(shots) for e in episodes]
+
+
+def support_use(record: dict) -> dict:
+    """The support-use gains of an evaluation record (percentage points; None where not run)."""
+    one = record.get("shot1", {}).get("miou_mean")
+
+    def minus(a, b):
+        return None if a is None or b is None else a - b
+
+    return {
+        "support_gain": minus(one, record.get("mismatched", {}).get("miou_mean")),
+        "shot5_gain": minus(record.get("shot5", {}).get("miou_mean"), one),
+        "identical_gain": minus(record.get("identical", {}).get("miou"), one),
+        "matcher_gain": minus(one, record.get("matcher", {}).get("shot1", {}).get("miou_mean")),
+    }
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -139,7 +139,10 @@ class BackboneParams:
 class ModelParams:
     backbone_weights: str = "none"  # imagenet | none | path to a ResNet-50 state dict
     backbone_seed: int = 0  # initialises a random backbone when backbone_weights is none
-    iom_iterations: int = 0  # CANet's iterative optimisation; 0 disables
+    # CANet's iterative optimisation module (IOM): the variants that run it (history input in
+    # training, refinement passes at test time), and its test-time refinement passes
+    iom_variants: tuple[str, ...] = ("canet", "dpr")
+    iom_iterations: int = 4
     dropout: float = 0.5
     channels: int = 256  # width of the shared encoder conv, fusion and ASPP (256 in the paper)
 
@@ -148,6 +151,9 @@ class ModelParams:
             raise ParamsError(f"{key}.channels: must be >= 8, got {self.channels}")
         if self.iom_iterations < 0:
             raise ParamsError(f"{key}.iom_iterations: must be >= 0, got {self.iom_iterations}")
+        for v in self.iom_variants:
+            if v not in VARIANTS:
+                raise ParamsError(f"{key}.iom_variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ParamsError(f"{key}.dropout: must be in [0, 1), got {self.dropout}")
         if not self.backbone_weights:
@@ -159,6 +165,7 @@ class TrainParams:
     variants: tuple[str, ...] = VARIANTS
     folds: tuple[int, ...] = FOLDS
     lr: float = 2.5e-3
+    lr_schedule: Literal["constant", "poly"] = "constant"  # poly: lr * (1 - step / steps) ** 0.9
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 8
@@ -170,9 +177,13 @@ class TrainParams:
     scale_max: float = 1.5
     ica_initial_p: float = 0.25
     ica_decay: float = 0.98  # p(epoch) = ica_initial_p * ica_decay ** epoch
+    # IOM variants: probability that a sample's stored previous prediction is fed as the history
+    # input (else zeros); CANet's train.py `-prob 0.7` is the probability of zeros
+    iom_history_p: float = 0.3
     cache_backbone_features: bool = False  # only valid without augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False
+    amp: bool = False  # mixed precision (simprop/precision.py): bf16 on CPU, bf16/fp16 on CUDA
+    channels_last: bool = False  # channels-last memory layout for the trainable convolutions
     seed: int = 0
     val_every: int = 1
     # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
@@ -197,6 +208,8 @@ class TrainParams:
             raise ParamsError(f"{key}.scale_min/scale_max: need 0 < scale_min <= scale_max")
         if not 0 <= self.ica_initial_p <= 1:
             raise ParamsError(f"{key}.ica_initial_p: must be a probability, got {self.ica_initial_p}")
+        if not 0 <= self.iom_history_p <= 1:
+            raise ParamsError(f"{key}.iom_history_p: must be a probability, got {self.iom_history_p}")
         if not 0 < self.ica_decay <= 1:
             raise ParamsError(f"{key}.ica_decay: must be in (0, 1], got {self.ica_decay}")
         if self.cache_backbone_features and self.augment:
@@ -227,6 +240,7 @@ class EvaluateParams:
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
+    amp: bool = False  # the network under autocast (simprop/precision.py); controls stay float32
 
     def validate(self, key: str) -> None:
         if not self.shots:

@@ -411,6 +411,8 @@ def _header(params: Params, root: Path | None = None) -> str:
         f"| checkpoint | best validation-episode mIoU ({ep.num_val_episodes} episodes, seed {ep.val_seed}) |",
         f"| training | {params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}, "
         f"backbone `{params.model.backbone_weights}` |",
+        f"| CANet's IOM | variants {', '.join(params.model.iom_variants) or 'none'}: history fed with "
+        f"p = {params.train.iom_history_p} in training, {params.model.iom_iterations} refinement passes at test time |",
         f"| variants / folds | {', '.join(params.train.variants)} / "
         f"{', '.join(str(f) for f in params.train.folds)} |",
         "",
@@ -426,28 +428,103 @@ def _header(params: Params, root: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sanity_table(params: Params, results: dict[tuple[str, int], RunResult]) -> str:
-    first = 1 if 1 in params.evaluate.shots else min(params.evaluate.shots)
+def _fold_mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present and len(present) == len(values) else None
+
+
+def _support_use_rows(params: Params, results: dict[tuple[str, int], RunResult]) -> list[dict]:
+    """One row per (variant, fold) and a mean-over-folds row per variant, from the evaluate records."""
+    rows = []
+    for variant in params.train.variants:
+        per_fold = []
+        for fold in params.train.folds:
+            res = results.get((variant, fold))
+            if res is None:
+                continue
+            ev = res.evaluate
+            ref = ev.get("reference", {})
+            per_fold.append({
+                "variant": variant, "fold": fold,
+                "shot1": (ev.get("shot1") or {}).get("miou_mean"),
+                "mismatched": (ev.get("mismatched") or {}).get("miou_mean"),
+                "shot5": (ev.get("shot5") or {}).get("miou_mean"),
+                "identical": (ev.get("identical") or {}).get("miou"),
+                "matcher1": ((ev.get("matcher") or {}).get("shot1") or {}).get("miou_mean"),
+                "matcher5": ((ev.get("matcher") or {}).get("shot5") or {}).get("miou_mean"),
+                "all_foreground": ref.get("all_foreground_miou"),
+                "untrained": ref.get("untrained_miou"),
+            })  # fmt: skip
+        rows += per_fold
+        if per_fold:
+            keys = [k for k in per_fold[0] if k not in ("variant", "fold")]
+            rows.append({"variant": variant, "fold": "mean", **{k: _fold_mean([r[k] for r in per_fold]) for k in keys}})
+    for row in rows:
+        minus = lambda a, b: None if a is None or b is None else a - b  # noqa: E731
+        row["support_gain"] = minus(row["shot1"], row["mismatched"])
+        row["shot5_gain"] = minus(row["shot5"], row["shot1"])
+        row["identical_gain"] = minus(row["identical"], row["shot1"])
+        row["matcher_gain"] = minus(row["shot1"], row["matcher1"])
+    return rows
+
+
+SUPPORT_GAIN_BAR = 10.0  # points of 1-shot mIoU the right support must add over a mismatched one
+
+
+def _support_use_checks(row: dict) -> str:
+    """What the controls say about one row (see the section text)."""
+    problems = []
+    if row["support_gain"] is not None and row["support_gain"] < SUPPORT_GAIN_BAR:
+        problems.append(f"support gain < {SUPPORT_GAIN_BAR:g}")
+    if row["fold"] == "mean":
+        if row["matcher_gain"] is not None and row["matcher_gain"] < 0:
+            problems.append("below the matcher")
+        if row["shot5_gain"] is not None and row["shot5_gain"] < 0:
+            problems.append("5-shot < 1-shot")
+        if row["identical_gain"] is not None and row["identical_gain"] < 0:
+            problems.append("identical < 1-shot")
+    bars = [v for v in (row["all_foreground"], row["untrained"]) if v is not None]
+    if row["shot1"] is not None and bars and row["shot1"] <= max(bars):
+        problems.append("not above all-foreground/untrained")
+    if row["shot1"] is None:
+        return DASH
+    return "ok" if not problems else "**" + "; ".join(problems) + "**"
+
+
+def _support_use_table(params: Params, results: dict[tuple[str, int], RunResult]) -> str:
     lines = [
-        f"| variant | fold | {first}-shot mIoU | all-foreground mIoU | untrained-network mIoU | check |",
-        "|---|---|---|---|---|---|",
+        "| variant | fold | 1-shot | mismatched support | support gain | 5-shot gain | identical gain | "
+        "matcher 1-shot | matcher 5-shot | vs matcher | all-fg | untrained | check |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (variant, fold), res in results.items():
-        entry = res.shot(first) or {}
-        ours = entry.get("miou_mean")
-        ref = res.evaluate.get("reference", {})
-        all_fg, untrained = ref.get("all_foreground_miou"), ref.get("untrained_miou")
-        bars = [v for v in (all_fg, untrained) if v is not None]
-        if ours is None or not bars:
-            check = DASH
-        elif ours > max(bars):
-            check = "above both" if len(bars) == 2 else "above reference"
-        else:
-            check = "**not above the references**"
+    for r in _support_use_rows(params, results):
+        fold = "**mean**" if r["fold"] == "mean" else str(r["fold"])
         lines.append(
-            f"| {variant} | {fold} | {_fmt(ours)} | {_fmt(all_fg)} | {_fmt(untrained)} | {check} |"
+            f"| {r['variant']} | {fold} | {_fmt(r['shot1'])} | {_fmt(r['mismatched'])} | "
+            f"{_fmt(r['support_gain'], signed=True)} | {_fmt(r['shot5_gain'], signed=True)} | "
+            f"{_fmt(r['identical_gain'], signed=True)} | {_fmt(r['matcher1'])} | {_fmt(r['matcher5'])} | "
+            f"{_fmt(r['matcher_gain'], signed=True)} | {_fmt(r['all_foreground'])} | {_fmt(r['untrained'])} | "
+            f"{_support_use_checks(r)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _ordering_statement(tables: dict[str, list[Row]]) -> str:
+    """Table 4's component ordering (mean over folds), ours beside the paper's, said plainly."""
+    means = {r.method: r for r in tables["table4"] if r.split == "mean"}
+    ours = {m: r.ours_mean for m, r in means.items() if r.ours_mean is not None}
+    if len(ours) < 2:
+        return "Fewer than two variants were run: no component ordering to compare.\n"
+    theirs = {m: r.paper for m, r in means.items() if m in ours and r.paper is not None}
+    order = lambda values: " > ".join(_method_name(m) for m, _ in sorted(values.items(), key=lambda kv: -kv[1]))  # noqa: E731
+    ours_order, paper_order = order(ours), order(theirs)
+    same = [m for m, _ in sorted(ours.items(), key=lambda kv: -kv[1])] == [m for m, _ in sorted(theirs.items(), key=lambda kv: -kv[1])]
+    verdict = "the same as" if same else "**not** the same as"
+    return (
+        f"Component ordering by mean 1-shot mIoU (Table 4), ours: {ours_order}.  Paper: {paper_order}.  "
+        f"Ours is {verdict} the paper's.  Hyperparameters were chosen on validation episodes only, "
+        "never toward the paper's ordering.\n"
+    )
 
 
 def _training_table(results: dict[tuple[str, int], RunResult]) -> str:
@@ -505,10 +582,18 @@ def render_markdown(
         "## Table 5: identical input (support = query, 1-shot)\n",
         "All test pairs of the fold once each, so one value per fold (no seeds, no std).\n",
         markdown_table(tables["table5"], show_shots=False),
-        "## Sanity: reference predictors\n",
-        "mIoU of predicting the whole image as foreground, and of the untrained network, on the first "
-        "test set. A trained model must beat both.\n",
-        _sanity_table(params, results),
+        _ordering_statement(tables),
+        "## Does the model use its support?\n",
+        "A few-shot model must score clearly better with the right support than with a support of "
+        "another class (**mismatched support**: the episode files' supports of another class of the "
+        "fold, the same for every variant), better with five supports than one and better still with "
+        "the query as its own support; and it must beat the **prototype matcher**, the "
+        "parameter-free predictor on the same frozen features (per pixel, cosine to the support's "
+        "foreground prototype vs its background prototype). 1-shot, mismatched and matcher: mean "
+        "over the test sets; all-foreground and untrained network: first test set. Gains in "
+        f"points; check: support gain >= {SUPPORT_GAIN_BAR:g} per fold, and on the mean rows 1-shot "
+        ">= matcher, 5-shot >= 1-shot, identical >= 1-shot.\n",
+        _support_use_table(params, results),
         "## Training\n",
         _training_table(results),
         "## Figures\n",
@@ -689,6 +774,11 @@ def report_summary(params: Params, results: dict, tables: dict[str, list[Row]]) 
         ident = [r for r in tables["table5"] if r.method == variant and r.split == "mean"]
         if ident and ident[0].ours_mean is not None:
             entry["identical_miou"] = round(ident[0].ours_mean, 4)
+        mean_row = [r for r in _support_use_rows(params, results) if r["variant"] == variant and r["fold"] == "mean"]
+        for key in ("support_gain", "shot5_gain", "identical_gain", "matcher_gain", "matcher1", "mismatched"):
+            value = mean_row[0][key] if mean_row else None
+            if value is not None:
+                entry[key] = round(value, 4)
         if entry:
             summary[variant] = entry
     summary["num_folds"] = len(params.train.folds)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +59,19 @@ def check_matrix_entry(params: Params, variant: str, fold: int) -> None:
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:
+    from simprop.timing import CLOCK
+
+    CLOCK.enter = time.time()
+    status = "error"
+    try:
+        code = _run_stage(name, body, params_path)
+        status = "ok" if code == 0 else f"exit {code}"
+        return code
+    finally:
+        CLOCK.record(name, status)
+
+
+def _run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path) -> int:
     try:
         params = load_params(params_path)
     except ParamsError as exc:

@@ -7,6 +7,10 @@
   CANet's support augmentation (scale, crop, flip) when ``train.augment``.
 * ICA (``simpropnet``): per-sample channel averaging of the query with the
   exponentially decaying probability of :func:`simprop.model.ica.ica_probability`.
+* CANet's IOM (variants in ``model.iom_variants``): the network's last prediction for
+  each training pair is kept (:class:`IOMHistory`) and fed back as its history input
+  with probability ``train.iom_history_p`` the next time the pair is drawn, as CANet's
+  ``train.py`` / ``dataset_mask_train.py`` do.
 * The checkpoint is selected on the *validation* episodes (training-pool images
   of the fold's test classes, never the test episodes).
 * Resumable: ``last.pt`` is written atomically after every epoch with the
@@ -41,13 +45,14 @@ from simprop.datasets import (
     resize_label,
     support_mask,
 )
-from simprop.distributed import DistContext, barrier, init_process_group, mean_across
+from simprop.distributed import DistContext, barrier, gather_across, init_process_group, mean_across
 from simprop.evaluation import EpisodeRunner, resolve_device, write_json
 from simprop.features import FeatureCache, open_feature_cache
 from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model, dual_prediction_loss, save_checkpoint
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
 from simprop.params import Params, ParamsError
+from simprop.precision import amp_warning, autocast, needs_grad_scaler
 
 STATE_FILE = "state.json"
 
@@ -104,7 +109,8 @@ def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, s
     regenerated data or changed code never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
-    for key in ("epochs", "device", "processes", "variants", "folds"):
+    # raising the epoch count continues a constant-lr run; a poly schedule depends on it
+    for key in ("device", "processes", "variants", "folds") + (("epochs",) if params.train.lr_schedule == "constant" else ()):
         train.pop(key)
     relevant = {
         "variant": variant,
@@ -140,6 +146,17 @@ def training_code_digest() -> str:
     return h.hexdigest()
 
 
+POLY_POWER = 0.9  # PFENet util/util.py poly_learning_rate (and DeepLab): lr * (1 - it / max_it) ** 0.9
+
+
+def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """``train.lr_schedule``: ``constant`` (CANet's train.py) or ``poly`` (PFENet's
+    ``poly_learning_rate``: ``base_lr * (1 - step / total_steps) ** 0.9``)."""
+    if schedule == "constant":
+        return base_lr
+    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
+
+
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
     """Which training pair each of the epoch's ``needed`` samples is (repeating the permutation)."""
     return np.resize(np.random.default_rng([seed, epoch]).permutation(num_pairs), needed)
@@ -171,6 +188,44 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
         writer.writerow(header)
         writer.writerows(rows)
     os.replace(tmp, path)
+
+
+class IOMHistory:
+    """CANet's IOM history in training: the last predicted probabilities of every training pair.
+
+    CaNet's ``dataset_mask_train.py`` keeps ``history_mask_list[index]`` per (image, class)
+    training pair; ``train.py`` writes the softmax of the prediction (at the feature size) back
+    after every step, and the next time the pair is drawn the dataset returns it with
+    probability ``1 - prob`` (``-prob 0.7``), zeros otherwise and zeros before its first visit.
+    Stored as float16 [pairs, 2, h, w]; allocated at the first update (h, w = feature size).
+    """
+
+    def __init__(self, num_pairs: int) -> None:
+        self.num_pairs = num_pairs
+        self.table: torch.Tensor | None = None
+        self.seen = torch.zeros(num_pairs, dtype=torch.bool)
+
+    def history(self, pairs: list[int], feed: list[bool], device: torch.device) -> torch.Tensor | None:
+        """The history input of a batch: the stored prediction where fed and seen, else zeros."""
+        if self.table is None:
+            return None
+        index = torch.tensor(pairs, dtype=torch.long)
+        keep = torch.tensor(feed, dtype=torch.bool) & self.seen[index]
+        return (self.table[index].float() * keep[:, None, None, None]).to(device)
+
+    def update(self, pairs: torch.Tensor, probs: torch.Tensor) -> None:
+        probs = probs.detach().to("cpu", torch.float16)
+        if self.table is None:
+            self.table = torch.zeros(self.num_pairs, *probs.shape[1:], dtype=torch.float16)
+        index = pairs.to("cpu", torch.long)
+        self.table[index] = probs
+        self.seen[index] = True
+
+    def state_dict(self) -> dict:
+        return {"table": self.table, "seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.table, self.seen = state["table"], state["seen"]
 
 
 class Trainer:
@@ -207,6 +262,7 @@ class Trainer:
                 )
         self.val_episodes = read_episodes(self.data.episode_file(fold, "val"), 1)
         self.model = build_model(variant, params.model, init_seed=tp.seed).to(self.device)
+        self.iom = IOMHistory(len(self.pairs)) if self.model.uses_iom else None
         backbone_sha256 = self.model.backbone.checksum()
         self.cache: FeatureCache | None = None
         if tp.cache_backbone_features:
@@ -230,7 +286,12 @@ class Trainer:
                 "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
             },
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tp.amp and self.device.type == "cuda")
+        warning = amp_warning(self.device, tp.amp)
+        if warning and self.dist.is_main:
+            print(f"warning: {warning}")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.device, tp.amp))
+        if tp.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         # What the training step calls: the model itself, or its DDP wrapper that averages the
         # gradients of the trainable layers over the processes (the frozen backbone is skipped).
         self.network: torch.nn.Module = self.model
@@ -259,6 +320,8 @@ class Trainer:
             print(f"{self.paths.last} does not fit this network; starting from scratch")
             return 0, {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.iom is not None and state.get("iom_history") is not None:
+            self.iom.load_state_dict(state["iom_history"])
         history = state["history"]
         history["resumed_from"] = state["epoch"] + 2  # 1-based number of the first epoch run now
         print(f"resuming {self.variant} fold {self.fold} after completed epoch {state['epoch'] + 1}")
@@ -272,6 +335,7 @@ class Trainer:
                 "model": self.model.trainable_state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "history": history,
+                "iom_history": self.iom.state_dict() if self.iom is not None else None,
             },
             self.paths.last,
         )
@@ -287,15 +351,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def _batch(self, epoch: int, indices: list[int], items: list[tuple[str, int]], p_ica: float) -> dict:
-        """The tensors of the samples ``items`` (global sample numbers ``indices`` of ``epoch``).
+    def _batch(self, epoch: int, indices: list[int], pair_ids: list[int], p_ica: float) -> dict:
+        """The tensors of the samples of training pairs ``pair_ids`` (global sample numbers ``indices`` of ``epoch``).
 
         Every random choice of a sample (its support, augmentation and ICA switch) comes from
         :func:`_sample_rng`, so a sample is the same whichever process builds it.
         """
         tp = self.params.train
         size = tp.image_size
-        support_ids, q_targets, s_masks, s_targets, s_images, gray = [], [], [], [], [], []
+        support_ids, q_targets, s_masks, s_targets, s_images, gray, feed_history = [], [], [], [], [], [], []
+        items = [self.pairs[i] for i in pair_ids]
         for index, (query, cls) in zip(indices, items):
             rng = _sample_rng(tp.seed, epoch, index)
             candidates = [i for i in self.by_class[cls] if i != query]
@@ -309,6 +374,7 @@ class Trainer:
                 s_images.append(s_image)
             s_masks.append(support_mask(s_label, cls))
             s_targets.append(binary_target(s_label, cls))
+            feed_history.append(bool(self.iom is not None and rng.random() < tp.iom_history_p))
         query_ids = [q for q, _ in items]
         gray = torch.tensor(gray, dtype=torch.bool)
         batch = {
@@ -316,7 +382,10 @@ class Trainer:
             "support_labels": torch.stack(s_targets)[:, None].to(self.device),
             "support_masks": torch.stack(s_masks)[:, None].to(self.device),
             "ica_fraction": float(gray.float().mean()),
+            "pair_ids": torch.tensor(pair_ids, dtype=torch.long),
         }
+        if self.iom is not None:
+            batch["query_history"] = self.iom.history(pair_ids, feed_history, self.device)
         if self.cache is not None:
             color = self.cache.get(query_ids)
             if gray.any():
@@ -335,8 +404,9 @@ class Trainer:
 
     def _step(self, batch: dict) -> float:
         size = self.params.train.image_size
-        inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats") if k in batch}
-        with torch.autocast(self.device.type, enabled=self.scaler.is_enabled()):
+        inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats", "query_history")
+                  if batch.get(k) is not None}  # fmt: skip
+        with autocast(self.device, self.params.train.amp):
             outputs = self.network(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
             loss = dual_prediction_loss(
                 outputs, batch["query_labels"], batch["support_labels"] if self.spec.dual_prediction else None
@@ -345,12 +415,16 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.iom is not None:  # every rank keeps the whole table: gather the batch's predictions
+            pairs = gather_across(self.dist, batch["pair_ids"].to(self.device))
+            self.iom.update(pairs, gather_across(self.dist, outputs["query_probs"].contiguous()))
         return float(loss.detach())
 
     # ------------------------------------------------------------------ loop
 
     def validate(self) -> float:
-        runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache)
+        runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache,
+                               amp=self.params.evaluate.amp)  # fmt: skip
         miou = runner.evaluate(self.val_episodes, desc="validation").miou() * 100.0
         self.model.train()
         return miou
@@ -375,8 +449,10 @@ class Trainer:
             for it in bar:
                 first = it * tp.batch_size + ctx.rank * local
                 indices = list(range(first, first + local))
-                items = [self.pairs[i] for i in order[indices]]
-                loss = mean_across(ctx, self._step(self._batch(epoch, indices, items, p_ica)), self.device)
+                pair_ids = [int(i) for i in order[indices]]
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate(tp.lr, tp.lr_schedule, epoch * per_epoch + it, tp.epochs * per_epoch)
+                loss = mean_across(ctx, self._step(self._batch(epoch, indices, pair_ids, p_ica)), self.device)
                 step = epoch * per_epoch + it
                 if not math.isfinite(loss):
                     raise TrainingDiverged(

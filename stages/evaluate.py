@@ -2,8 +2,10 @@
 
 Usage: python stages/evaluate.py --variant simpropnet --fold 0
 For each test seed and shot count: mIoU (over the fold's 5 classes), FB-IoU and per-class IoU,
-scored as evaluate.resolution / evaluate.void say; the identical-input test (paper Table 5); and two
-reference predictors on the first test set (all-foreground, the untrained network).
+scored as evaluate.resolution / evaluate.void say; the identical-input test (paper Table 5); and
+the support-use controls: the prototype matcher (every test set and shot), the model with
+a mismatched support (every test set, 1-shot), the all-foreground predictor and the
+untrained network (first test set), and the gains read from them (``support_use``).
 Writes metrics/evaluate/<variant>_fold<i>.json and
 outputs/evaluate/<variant>_fold<i>/qualitative.png; logs everything to MLflow.
 """
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                                  f"shot{shot}_classes_scored": entry["classes_scored"]})
             if "identical" in record:
                 run.log_metrics({"identical_miou": record["identical"]["miou"]})
+            run.log_metrics({"mismatched_miou_mean": record["mismatched"]["miou_mean"],
+                             **{f"matcher_{k}_miou_mean": v["miou_mean"] for k, v in record["matcher"].items()},
+                             **record["support_use"]})  # fmt: skip
             run.log_metrics({k: v for k, v in record["reference"].items() if v is not None})
             run.log_artifact(out)
             if figure.is_file():

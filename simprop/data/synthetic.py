@@ -54,7 +54,8 @@ from simprop.data.voc import IGNORE, NUM_CLASSES, voc_palette
 OVERLAP_FRACTION = 0.77  # share of VOC2012 segmentation images that are also in SBD (2237 / 2913)
 SBD_VAL_FRACTION = 0.25  # SBD val / (train + val) = 2857 / 11355
 MINOR_COUNT_P = (0.5, 0.35, 0.15)  # probabilities of 0, 1, 2 minor objects of other classes
-TWO_MAJOR_P = 0.35  # probability of a second large object of another class beside the main one
+TWO_MAJOR_P = 0.8  # probability of a second large object of another class beside the main one
+GROUP_SIZE = 5  # classes 5g+1..5g+5 form a group (a PASCAL-5i fold's classes); see render_image
 MAJOR_TRIES = 8  # layouts tried before the second major object is given up
 SCENE_PREFERENCE = 0.75  # probability that an image shows its main class' usual scene
 
@@ -296,6 +297,12 @@ def with_boundary_bands(label: np.ndarray, size: int) -> np.ndarray:
     return banded
 
 
+def group_classes(cls: int) -> list[int]:
+    """The five classes of ``cls``' group (1-5, 6-10, ...): the second major object's candidates."""
+    first = (cls - 1) // GROUP_SIZE * GROUP_SIZE + 1
+    return list(range(first, first + GROUP_SIZE))
+
+
 def choose_scene(primary: int, rng: np.random.Generator) -> str:
     """The main class' usual scene with probability SCENE_PREFERENCE, else one of the others."""
     usual = CLASS_SCENE[primary]
@@ -322,8 +329,9 @@ def render_image(plan: ImagePlan, params) -> tuple[np.ndarray, np.ndarray, np.nd
     scene = render_scene(choose_scene(plan.primary, rng), rng, height, width)
     others = [c for c in range(1, NUM_CLASSES + 1) if c != plan.primary]
     n_minor = int(rng.choice(len(MINOR_COUNT_P), p=MINOR_COUNT_P))
-    picked = [int(c) for c in rng.choice(others, size=n_minor + 1, replace=False)]
-    minors, second = picked[:n_minor], picked[n_minor]
+    group = [c for c in group_classes(plan.primary) if c != plan.primary]
+    second = int(group[int(rng.integers(len(group)))])
+    minors = [int(c) for c in rng.choice([c for c in others if c != second], size=n_minor, replace=False)]
     two_major = rng.random() < TWO_MAJOR_P
     band = band_size(height, width)
     phases = (  # (second major object?, filters the major objects must pass, tries, largest scale)

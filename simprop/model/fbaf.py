@@ -1,4 +1,24 @@
-"""Foreground/Background Attentive Fusion, FBAF (paper §3.4, eq. 2-3)."""
+"""Foreground/Background Attentive Fusion, FBAF (paper §3.4, eq. 2-3).
+
+Eq. 3 writes each of its three steps as ``IN(Conv3x3(x) + x)``.  Implemented literally, with a
+bare (linear) convolution, the first step loses the support: the tiled prototype Z^f is
+constant over the map, a linear map of a constant is a constant per channel, and the instance
+normalisation subtracts every channel's mean over the map, so Z^f reaches G1 only through the
+zero-padded border.  The paper's "Conv3x3" is a conv block as in the CANet code it builds on
+(``one_shot_network.py`` of icoz69/CaNet: every convolution of the fusion, comparison and
+ASPP is followed by a ReLU; the paper singles out only the decoder's last layer as linear).
+With the ReLU inside the residual and before the normalisation, each step is::
+
+    G1 = IN(ReLU(Conv3x3(G0)) + G0)
+
+and Z^f *gates* the features, as CANet's dense comparison does: ``ReLU(W_F F + W_Z Z^f + b)``
+is zero or not per position depending on how the features compare with the prototype, and
+that survives the normalisation.  (A ReLU after the IN would not help: the prototype is
+already gone by then.)  ``tests/test_model.py`` shows the difference on a random module.
+
+The first convolution runs as :func:`~simprop.model.prototype_conv.conv_with_tiled_prototype`:
+exactly ``Conv3x3(F ⊕ tile(Z^f))``, without convolving the constant half.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from simprop.model.encoder import FEATURE_CHANNELS
+from simprop.model.prototype_conv import conv_with_tiled_prototype
 
 COSINE_EPS = 1e-8
 ATTENTION_SUM_EPS = 1e-12
-HISTORY_CHANNELS = 2  # previous prediction fed back by the optional IOM refinement
+HISTORY_CHANNELS = 2  # previous prediction fed back by CANet's IOM (when the variant uses it)
 
 
 def similarity_map(features: Tensor, prototype: Tensor) -> Tensor:
@@ -33,14 +54,14 @@ def attention_maps(features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor)
 
 
 class FBAFFusion(nn.Module):
-    """Eq. 3, applied alike to support and query features::
+    """Eq. 3 with conv blocks, applied alike to support and query features::
 
-        G0 = F ⊕ Z^f                      (prototype tiled over the map)
-        G1 = IN(Conv3x3(G0) + G0)
-        G2 = IN(Conv3x3(G1 ⊕ A^f ⊕ A^b [⊕ H]) + G1)
-        G  = IN(Conv3x3(G2) + G2)
+        G0 = F ⊕ Z^f                                  (prototype tiled over the map)
+        G1 = IN(ReLU(Conv3x3(G0)) + G0)
+        G2 = IN(ReLU(Conv3x3(G1 ⊕ A^f ⊕ A^b [⊕ H])) + G1)
+        G  = IN(ReLU(Conv3x3(G2)) + G2)
 
-    ``H`` is the previous prediction (2 channels) when the optional IOM refinement is on
+    ``H`` is the previous prediction (2 channels) when the variant runs CANet's IOM
     (``history=True``); the paper's FBAF has none.
     """
 
@@ -57,19 +78,18 @@ class FBAFFusion(nn.Module):
 
     def prepare(self, features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor) -> dict[str, Tensor]:
         """The part that does not depend on the previous prediction: G1 and the attention maps."""
-        tiled = fg_prototype[:, :, None, None].expand_as(features)
-        g0 = torch.cat([features, tiled], dim=1)
-        g1 = self.norm_g1(self.conv_g1(g0) + g0)
+        g0 = torch.cat([features, fg_prototype[:, :, None, None].expand_as(features)], dim=1)
+        g1 = self.norm_g1(F.relu(conv_with_tiled_prototype(self.conv_g1, features, fg_prototype)) + g0)
         af, ab = attention_maps(features, fg_prototype, bg_prototype)
         return {"g1": g1, "af": af, "ab": ab}
 
     def refine(self, state: dict[str, Tensor], history: Tensor | None = None) -> Tensor:
         g1 = state["g1"]
-        parts = [g1, state["af"], state["ab"]]
+        parts = [g1, state["af"].to(g1.dtype), state["ab"].to(g1.dtype)]
         if self.history_channels:
-            parts.append(history if history is not None else g1.new_zeros(g1.shape[0], self.history_channels, *g1.shape[2:]))
-        g2 = self.norm_g2(self.conv_g2(torch.cat(parts, dim=1)) + g1)
-        return self.norm_g(self.conv_g(g2) + g2)
+            parts.append(history.to(g1.dtype) if history is not None else g1.new_zeros(g1.shape[0], self.history_channels, *g1.shape[2:]))
+        g2 = self.norm_g2(F.relu(self.conv_g2(torch.cat(parts, dim=1))) + g1)
+        return self.norm_g(F.relu(self.conv_g(g2)) + g2)
 
     def forward(self, features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor, history: Tensor | None = None) -> Tensor:
         return self.refine(self.prepare(features, fg_prototype, bg_prototype), history)

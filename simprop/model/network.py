@@ -10,9 +10,13 @@ dpr_fbaf      fbaf      yes              no
 simpropnet    fbaf      yes              yes
 ============  ========  ===============  ====
 
-CANet's iterative optimisation (IOM, ``model.iom_iterations``) is an optional refinement
-for every variant: the decoder's softmax is fed back ``iom_iterations`` more times.
-ICA is a training-time input operation (:mod:`simprop.model.ica`); the network only
+CANet's iterative optimisation module (IOM) runs for the variants in ``model.iom_variants``
+(``canet`` and ``dpr``, the CANet-fusion variants, by default; the FBAF variants only when
+asked), as CANet trains and tests it (icoz69/CaNet ``train.py`` and ``dataset_mask_train.py``):
+in training the fusion takes a *history* input, the sample's previous prediction (or zeros),
+which the trainer keeps per training pair (:class:`simprop.training.IOMHistory`); at test time
+the first pass sees zeros and ``model.iom_iterations`` more passes each see the softmax of the
+previous one.  ICA is a training-time input operation (:mod:`simprop.model.ica`); the network only
 records whether the variant uses it (``model.uses_ica``, :meth:`SimPropNet.maybe_apply_ica`).
 """
 
@@ -73,7 +77,8 @@ class SimPropNet(nn.Module):
         self.variant = variant
         self.spec = VARIANTS[variant]
         self.params = params
-        self.iom_iterations = params.iom_iterations
+        self.uses_iom = variant in params.iom_variants
+        self.iom_iterations = params.iom_iterations if self.uses_iom else 0
         self.backbone = build_backbone(params.backbone_weights, params.backbone_seed)
         self.backbone_no_grad = True  # benchmarks flip this to measure the cost of autograd
         channels = params.channels  # model.channels: 256 in the paper (FEATURE_CHANNELS, ASPP_CHANNELS)
@@ -81,7 +86,7 @@ class SimPropNet(nn.Module):
         if self.spec.fusion == "canet":
             self.fusion: nn.Module = CANetFusion(channels, dropout=params.dropout)
         else:
-            self.fusion = FBAFFusion(channels, history=params.iom_iterations > 0)
+            self.fusion = FBAFFusion(channels, history=self.uses_iom)
         self.decoder = Decoder(self.fusion.out_channels, channels=channels, dropout=params.dropout)
 
     # ------------------------------------------------------------------ properties / helpers
@@ -136,6 +141,7 @@ class SimPropNet(nn.Module):
         predict_support: bool | None = None,
         query_encoded: Tensor | None = None,
         support_encoded: Tensor | None = None,
+        query_history: Tensor | None = None,
     ) -> dict[str, Tensor]:
         if support_masks is None:
             raise ValueError("support_masks [B,K,H,W] is required")
@@ -149,7 +155,7 @@ class SimPropNet(nn.Module):
             if out_size is None:
                 raise ValueError("out_size=(H, W) is required with encoded features")
             return self._head(query_encoded, support_encoded.flatten(0, 1) if support_encoded.dim() == 5 else support_encoded,
-                              support_masks, batch, shots, support_size, out_size, predict_support)
+                              support_masks, batch, shots, support_size, out_size, predict_support, query_history)
         if query_feats is None:
             if query_img is None:
                 raise ValueError("give query_img [B,3,H,W] or query_feats [B,1536,h,w]")
@@ -178,15 +184,25 @@ class SimPropNet(nn.Module):
             fq, fs = projected[:batch], projected[batch:]
         else:
             fq, fs = self.projection(query_feats), self.projection(support_feats)
-        return self._head(fq, fs, support_masks, batch, shots, support_size, out_size, predict_support)
+        return self._head(fq, fs, support_masks, batch, shots, support_size, out_size, predict_support, query_history)
 
     def encode(self, backbone_feats: Tensor) -> Tensor:
         """The shared encoder conv on backbone features; in eval mode a per-image function."""
         return self.projection(backbone_feats)
 
-    def _head(self, fq, fs, support_masks, batch, shots, support_size, out_size, predict_support):
-        """Prototypes, fusion and decoding from encoded query [B,C,h,w] and support [B*K,C,h,w] maps."""
+    def _head(self, fq, fs, support_masks, batch, shots, support_size, out_size, predict_support, query_history=None):
+        """Prototypes, fusion and decoding from encoded query [B,C,h,w] and support [B*K,C,h,w] maps.
+
+        ``query_history`` [B,2,h',w'] is the IOM's history input for the query (resized to the
+        feature size as CANet does; ``None`` = zeros).  For IOM variants in training the output
+        also holds ``"query_probs"``: the softmax of the query logits at the feature size,
+        detached, which the trainer keeps as the sample's next history.
+        """
         predict_support = self.spec.dual_prediction and self.training if predict_support is None else predict_support
+        if query_history is not None and self.uses_iom:
+            query_history = F.interpolate(query_history.to(fq.dtype), size=fq.shape[-2:], mode="bilinear", align_corners=True)
+        else:
+            query_history = None
 
         # dual probe feature extraction (eq. 1), per support, then averaged over the shots (eq. 4)
         masks = support_masks.flatten(0, 1)
@@ -197,22 +213,32 @@ class SimPropNet(nn.Module):
 
         outputs: dict[str, Tensor] = {}
         if predict_support and fq.shape[-2:] == fs.shape[-2:]:
-            # the support branch: each support with its own prototypes, decoded by the same decoder
-            logits = self._fuse_and_decode(torch.cat([fq, fs]), torch.cat([zf_q, zf]), torch.cat([zb_q, zb]))
+            # the support branch: each support with its own prototypes, decoded by the same decoder;
+            # a support has no previous prediction (CANet never predicts it): zero history
+            history = None
+            if query_history is not None:
+                history = torch.cat([query_history, query_history.new_zeros(fs.shape[0], *query_history.shape[1:])])
+            logits = self._fuse_and_decode(torch.cat([fq, fs]), torch.cat([zf_q, zf]), torch.cat([zb_q, zb]), history)
             query_logits, support_logits = logits[:batch], logits[batch:]
         else:
-            query_logits = self._fuse_and_decode(fq, zf_q, zb_q)
+            query_logits = self._fuse_and_decode(fq, zf_q, zb_q, query_history)
             support_logits = self._fuse_and_decode(fs, zf, zb) if predict_support else None
         outputs["query"] = upsample_logits(query_logits, out_size)
         if support_logits is not None:
             outputs["support"] = upsample_logits(support_logits, support_size)
+        if self.uses_iom and self.training:
+            outputs["query_probs"] = F.softmax(query_logits.detach().float(), dim=1)
         return outputs
 
-    def _fuse_and_decode(self, features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor) -> Tensor:
+    def _fuse_and_decode(self, features: Tensor, fg_prototype: Tensor, bg_prototype: Tensor,
+                         history: Tensor | None = None) -> Tensor:  # fmt: skip
+        """One fused and decoded pass; at test time plus the IOM's refinement passes."""
         state = self.fusion.prepare(features, fg_prototype, bg_prototype)
-        logits = self.decoder(self.fusion.refine(state, None))
+        logits = self.decoder(self.fusion.refine(state, history))
+        if self.training:
+            return logits  # CANet trains one pass, its history coming from the sample's last visit
         for _ in range(self.iom_iterations):  # CANet's IOM: feed the previous prediction back
-            history = F.softmax(logits, dim=1).detach()
+            history = F.softmax(logits, dim=1)
             logits = self.decoder(self.fusion.refine(state, history))
         return logits
 

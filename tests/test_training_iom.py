@@ -1,0 +1,62 @@
+"""CANet's IOM in training: each training pair's last prediction is kept and fed back as the
+history input the next time the pair is drawn (CaNet's train.py / dataset_mask_train.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simprop.training import IOMHistory, Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_iom_history_table_feeds_only_seen_and_drawn_pairs():
+    history = IOMHistory(num_pairs=6)
+    assert history.history([0, 1], [True, True], torch.device("cpu")) is None  # nothing predicted yet
+    probs = torch.softmax(torch.randn(2, 2, 3, 3), dim=1)
+    history.update(torch.tensor([1, 4]), probs)
+    fed = history.history([1, 4, 2, 1], [True, False, True, True], torch.device("cpu"))
+    assert fed.shape == (4, 2, 3, 3)
+    torch.testing.assert_close(fed[0], probs[0].half().float())  # seen and drawn: its last prediction
+    assert not fed[1].any()  # seen but not drawn this time: zeros
+    assert not fed[2].any()  # drawn but never predicted: zeros
+    torch.testing.assert_close(fed[3], fed[0])
+    restored = IOMHistory(6)
+    restored.load_state_dict(history.state_dict())
+    torch.testing.assert_close(restored.history([4], [True], torch.device("cpu")), probs[1:2].half().float())
+
+
+def trainer(data_pipeline, variant: str, iom_history_p: float) -> Trainer:
+    layout, params, _ = data_pipeline
+    model = dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.0)
+    train = dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=False,
+                                augment=False, iom_history_p=iom_history_p, device="cpu")  # fmt: skip
+    params = dataclasses.replace(params, model=model, train=train)
+    return Trainer(params, variant, 0, layout.root.parent)
+
+
+def test_a_pairs_prediction_comes_back_as_its_history_the_next_time_it_is_drawn(data_pipeline):
+    run = trainer(data_pipeline, "canet", iom_history_p=1.0)
+    assert run.iom is not None
+    pairs = [0, 3, 5, 7]
+    first = run._batch(0, [0, 1, 2, 3], pairs, 0.0)
+    assert first["query_history"] is None  # no prediction kept yet: the network sees zeros
+    run._step(first)
+    stored = run.iom.table[pairs].float()
+    assert stored.shape == (4, 2, 5, 5)  # softmax at the feature size of a 33 px input
+    torch.testing.assert_close(stored.sum(1), torch.ones(4, 5, 5), atol=2e-3, rtol=0)
+    again = run._batch(1, [0, 1, 2, 3], pairs, 0.0)
+    torch.testing.assert_close(again["query_history"], stored)
+    assert run.iom.seen.sum() == 4
+
+
+def test_history_is_zeros_when_never_drawn_and_absent_for_variants_without_iom(data_pipeline):
+    run = trainer(data_pipeline, "canet", iom_history_p=0.0)
+    batch = run._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+    run._step(batch)
+    again = run._batch(1, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+    assert not again["query_history"].any()
+    assert trainer(data_pipeline, "simpropnet", iom_history_p=1.0).iom is None
