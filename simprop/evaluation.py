@@ -1,9 +1,13 @@
 """Few-shot evaluation on fixed episode files (protocol.md §5).
 
-Scores are computed at the original label resolution with 255 ignored: the
-network sees square ``image_size`` inputs, its logits are upsampled bilinearly to
-each query's label size, and the per-class TP/FP/FN are pooled over episodes by
-:class:`simprop.metrics.EpisodeMetrics`.
+The network sees square ``image_size`` inputs; its logits are upsampled bilinearly to the size
+of the label it is scored against (:func:`simprop.metrics.scoring_label`): the query's original
+label (``evaluate.resolution: original``, HSNet / PFENet) or the label resized (nearest) to
+321 x 321 (``321``, CANet's code, which gave the paper's baseline numbers); void pixels are
+ignored (``evaluate.void: ignore``) or background (``background``, OSLSM). The per-class
+TP/FP/FN are pooled over episodes by :class:`simprop.metrics.EpisodeMetrics`, whose mIoU is over
+the fold's five classes (a class without a defined IoU counts as 0; ``classes_scored`` says how
+many had one).
 
 Each image's frozen backbone features are computed once per evaluation (or read
 from the shared feature cache), not once per episode it appears in: an image is
@@ -27,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from simprop.datasets import (
@@ -40,10 +45,11 @@ from simprop.datasets import (
     support_mask,
 )
 from simprop.features import FeatureCache
-from simprop.metrics import EpisodeMetrics, aggregate_seeds, episode_label
+from simprop.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
 from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
 from simprop.params import Params
 from simprop.precision import autocast
+from simprop.voc import fold_classes
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,8 +65,8 @@ def resolve_device(name: str) -> torch.device:
 @dataclass
 class Prediction:
     episode: Episode
-    pred: np.ndarray  # bool [H, W] at the original label size
-    label: np.ndarray  # uint8 {0, 1, 255} episode label at the original size
+    pred: np.ndarray  # bool [H, W] at the scoring size (the original label's, or 321 x 321)
+    label: np.ndarray  # uint8 {0, 1, 255} episode label at that size (see simprop.metrics.scoring_label)
 
 
 @dataclass
@@ -73,6 +79,9 @@ class EpisodeRunner:
     batch_size: int = 16
     cache: FeatureCache | None = None
     amp: bool = False  # evaluate.amp: the network under autocast (simprop.precision)
+    resolution: str = "original"  # evaluate.resolution
+    void: str = "ignore"  # evaluate.void
+    classes: tuple[int, ...] | None = None  # the fold's classes: the mIoU is their mean
     _features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_computations: int = 0
 
@@ -116,10 +125,11 @@ class EpisodeRunner:
             )["query"]  # fmt: skip
             # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
             # linear: upsample the one-channel margin instead of both logits (half the work).
-            yield from score_margins(self.store, batch, (logits[:, 1:2] - logits[:, 0:1]).float())
+            margins = (logits[:, 1:2] - logits[:, 0:1]).float()
+            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:
-        return evaluate_predictions(self.predict(episodes, desc=desc))
+        return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
 
 
 def support_masks(store: ImageStore, batch: list[Episode], device: torch.device) -> torch.Tensor:
@@ -129,17 +139,21 @@ def support_masks(store: ImageStore, batch: list[Episode], device: torch.device)
     return torch.stack(masks).to(device).view(len(batch), len(batch[0].supports), size, size)
 
 
-def score_margins(store: ImageStore, batch: list[Episode], margins: torch.Tensor) -> Iterator[Prediction]:
+def score_margins(
+    store: ImageStore, batch: list[Episode], margins: torch.Tensor, *, resolution: str = "original", void: str = "ignore"
+) -> Iterator[Prediction]:
     """Predictions of ``batch`` from foreground-minus-background margins [B,1,h,w]: each is
-    upsampled bilinearly to its query's label size and thresholded at 0."""
+    upsampled bilinearly to the size of the label it is scored against (the query's own, or
+    321 x 321; :func:`simprop.metrics.scoring_label`) and thresholded at 0."""
     for episode, margin in zip(batch, margins):
-        label = store.label(episode.query)
+        label = scoring_label(store.label(episode.query), episode.cls, resolution=resolution, void=void)
         full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
-        yield Prediction(episode, (full[0, 0] > 0).cpu().numpy(), episode_label(label, episode.cls))
+        yield Prediction(episode, (full[0, 0] > 0).cpu().numpy(), label)
 
 
-def evaluate_predictions(predictions: Iterable[Prediction]) -> EpisodeMetrics:
-    metrics = EpisodeMetrics()
+def evaluate_predictions(predictions: Iterable[Prediction], classes: tuple[int, ...] | None = None) -> EpisodeMetrics:
+    """Pool predictions; ``classes``: the fold's classes the mIoU is a mean over (missing ones count 0)."""
+    metrics = EpisodeMetrics(classes)
     for p in predictions:
         metrics.update(p.pred, p.label, p.episode.cls)
     return metrics
@@ -164,6 +178,9 @@ class PrototypeMatcher:
     backbone: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int = 16
     cache: FeatureCache | None = None
+    resolution: str = "original"  # scored like the network (evaluate.resolution / evaluate.void)
+    void: str = "ignore"
+    classes: tuple[int, ...] | None = None
 
     @torch.no_grad()
     def features(self, image_ids: list[str]) -> torch.Tensor:
@@ -192,17 +209,25 @@ class PrototypeMatcher:
             query = self.features([e.query for e in batch])
             supports = self.features([s for e in batch for s in e.supports])
             supports = supports.view(len(batch), shots, *supports.shape[1:])
-            yield from score_margins(self.store, batch, self.margins(query, supports, support_masks(self.store, batch, self.device)))
+            margins = self.margins(query, supports, support_masks(self.store, batch, self.device))
+            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "prototype matcher") -> EpisodeMetrics:
-        return evaluate_predictions(self.predict(episodes, desc=desc))
+        return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
 
 
-def all_foreground_metrics(store: ImageStore, episodes: Iterable[Episode]) -> EpisodeMetrics:
+def all_foreground_metrics(
+    store: ImageStore,
+    episodes: Iterable[Episode],
+    *,
+    resolution: str = "original",
+    void: str = "ignore",
+    classes: tuple[int, ...] | None = None,
+) -> EpisodeMetrics:
     """The trivial predictor that marks every pixel as foreground (a floor for any model)."""
-    metrics = EpisodeMetrics()
+    metrics = EpisodeMetrics(classes)
     for e in episodes:
-        label = episode_label(store.label(e.query), e.cls)
+        label = scoring_label(store.label(e.query), e.cls, resolution=resolution, void=void)
         metrics.update(np.ones(label.shape, dtype=bool), label, e.cls)
     return metrics
 
@@ -237,8 +262,9 @@ def evaluate_model(
     ev = params.evaluate
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
-    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp)
-    matcher = PrototypeMatcher(store, device, model.backbone_features, ev.batch_size, cache)
+    scoring = dict(resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))
+    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
+    matcher = PrototypeMatcher(store, device, model.backbone_features, ev.batch_size, cache, **scoring)
     record: dict = {
         "variant": variant,
         "fold": fold,
@@ -247,9 +273,12 @@ def evaluate_model(
         "data_source": params.data.source,
         "episodes": params.episodes.num_episodes,
         "seeds": list(params.episodes.test_seeds),
+        "class_sampling": params.episodes.class_sampling,
         "resolution": ev.resolution,
+        "void": ev.void,
         "image_size": ev.image_size,
         "iom_iterations": getattr(model, "iom_iterations", 0),
+        "miou_classes": "the fold's 5 classes; a class without a defined IoU counts as 0 (classes_scored)",
     }
     started = time.perf_counter()
 
@@ -275,11 +304,12 @@ def evaluate_model(
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
-        record["identical"] = {"miou": summary["miou"], "fbiou": summary["fbiou"], "class_iou": summary["class_iou"]}
+        record["identical"] = {"miou": summary["miou"], "fbiou": summary["fbiou"], "class_iou": summary["class_iou"],
+                               "classes_scored": summary["classes_scored"]}  # fmt: skip
     first = test_set(params.episodes.test_seeds[0], 1)
-    reference = {"all_foreground_miou": all_foreground_metrics(store, first).summary()["miou"]}
+    reference = {"all_foreground_miou": all_foreground_metrics(store, first, **scoring).summary()["miou"]}
     if untrained is not None:
-        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=ev.amp)
+        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
     record["support_use"] = support_use(record)
@@ -330,11 +360,14 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     rows = []
     for p in runner.predict(episodes, desc="qualitative"):
         support = p.episode.supports[0]
+        query = runner.store.raw_image(p.episode.query)
+        if query.shape[:2] != p.pred.shape:  # scored on 321 x 321 labels: show the query at that size
+            query = np.asarray(Image.fromarray(query).resize(p.pred.shape[::-1], Image.Resampling.BILINEAR))
         rows.append(
             {
                 "support": runner.store.raw_image(support),
                 "support_mask": runner.store.label(support) == p.episode.cls,
-                "query": runner.store.raw_image(p.episode.query),
+                "query": query,
                 "pred": p.pred,
                 "label": p.label,
                 "caption": f"{p.episode.query} class {p.episode.cls}",

@@ -7,9 +7,20 @@ target class ``c`` (1 = foreground, 0 = background, 255 = void), both at the
 original label resolution.  Void pixels count in neither intersection nor union.
 
 * ``IoU_c`` = sum over the episodes of class ``c`` of TP / sum of (TP + FP + FN).
-* ``mIoU``  = mean of ``IoU_c`` over the classes that had at least one episode.
+* ``mIoU``  = mean of ``IoU_c`` over the fold's classes when the accumulator knows them
+  (``EpisodeMetrics(classes=fold_classes(fold))``, what evaluation does): a class without
+  episodes, or whose pooled union is empty, **counts as 0**, as in the references (HSNet
+  ``common/logger.py`` ``AverageMeter.compute_iou``: intersection / max(union, 1) over the fold's
+  5 classes; CANet's ``train.py`` also averages its 5 classes, and fails on a class without
+  episodes). Without ``classes`` the mean is over
+  the classes that were seen. Either way ``summary()["classes_scored"]`` says how many classes
+  had a defined IoU, so a short run never drops a class silently.
 * ``FB-IoU`` = mean of the foreground IoU and the background IoU, each pooled over
   all episodes (every class) of the fold.
+
+Scoring conventions (``evaluate.resolution`` / ``evaluate.void``, :func:`scoring_label`): the
+label is the original one or, as CANet's code scores, resized (nearest) to 321 x 321; void is
+ignored or, as OSLSM's test code does, counted as background.
 
 Counts are kept in explicit per-class-id arrays indexed by the VOC id, never by
 position in a list of "classes seen", which is how one public evaluator ended up
@@ -17,8 +28,8 @@ reporting each class' IoU under its neighbour's name.
 
 A class whose pooled union is empty (every episode's label is void or
 background and nothing was predicted) has an undefined IoU: it is reported as
-``None`` and left out of the mean.  With the small-object filter this does not
-happen on real splits.
+``None`` (and counts as 0 in a mean over known classes, see above).  With the
+small-object filter this does not happen on real splits.
 
 Values are fractions inside the accumulator and percent in :meth:`EpisodeMetrics.summary`
 and :func:`aggregate_seeds` (the units of the metrics files and the paper).
@@ -49,6 +60,38 @@ def episode_label(label: Any, class_id: int) -> Any:
     out = (label == class_id).astype(np.uint8)
     out[label == IGNORE_INDEX] = IGNORE_INDEX
     return out
+
+
+SCORING_SIZE_321 = 321  # CANet's released code scores 321 x 321 labels
+
+
+def scoring_label(
+    label: np.ndarray, class_id: int, *, resolution: str = "original", void: str = "ignore"
+) -> np.ndarray:
+    """The episode label a prediction is scored against (``evaluate.resolution`` / ``evaluate.void``).
+
+    * ``resolution="original"``: the label at its own size (HSNet ``--use_original_imgsize``,
+      PFENet); ``"321"``: the class map resized to 321 x 321 with PIL's nearest neighbour first,
+      as CANet's ``dataset_mask_val.py`` does (``torchvision.transforms.Resize([321, 321],
+      interpolation=Image.NEAREST)`` on the PIL mask), so labels are never blended.
+    * ``void="ignore"``: 255 stays void (in neither intersection nor union); ``"background"``:
+      void pixels are background, as OSLSM's ``test.py`` ``measure`` (``y > 0.5``) counts them.
+    """
+    label = np.asarray(label)
+    if resolution == "321":
+        from PIL import Image
+
+        size = (SCORING_SIZE_321, SCORING_SIZE_321)
+        image = Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8))
+        label = np.asarray(image.resize(size, Image.Resampling.NEAREST))
+    elif resolution != "original":
+        raise ValueError(f"evaluate.resolution: {resolution!r} is not 'original' or '321'")
+    target = episode_label(label, class_id)
+    if void == "background":
+        target[target == IGNORE_INDEX] = 0
+    elif void != "ignore":
+        raise ValueError(f"evaluate.void: {void!r} is not 'ignore' or 'background'")
+    return target
 
 
 def confusion_counts(pred: Any, label: Any) -> tuple[int, int, int, int]:
@@ -111,10 +154,17 @@ class EpisodeMetrics:
     >>> m.summary()                            # {"miou": .., "fbiou": .., "class_iou": {...}} in %
     """
 
-    def __init__(self) -> None:
+    def __init__(self, classes: Sequence[int] | None = None) -> None:
+        """``classes``: the VOC ids the mIoU is a mean over (a fold's five); missing ones count as 0.
+        ``None``: the mean is over the classes that had episodes."""
         # row c holds the counts of VOC class id c (row 0 unused: background is not a target)
         self._counts = np.zeros((NUM_CLASSES + 1, 4), dtype=np.int64)  # TP, FP, FN, TN
         self._episodes = np.zeros(NUM_CLASSES + 1, dtype=np.int64)
+        self.classes: tuple[int, ...] | None = None
+        if classes is not None:
+            self.classes = tuple(sorted({int(c) for c in classes}))
+            if not self.classes or not all(1 <= c <= NUM_CLASSES for c in self.classes):
+                raise ValueError(f"classes must be VOC ids in 1..{NUM_CLASSES}, got {list(classes)}")
 
     # ------------------------------------------------------------------ accumulate
 
@@ -123,6 +173,8 @@ class EpisodeMetrics:
         cid = int(class_id)
         if not 1 <= cid <= NUM_CLASSES:
             raise ValueError(f"class_id must be a VOC id in 1..{NUM_CLASSES}, got {class_id}")
+        if self.classes is not None and cid not in self.classes:
+            raise ValueError(f"class_id {cid} is not one of this accumulator's classes {list(self.classes)}")
         self._counts[cid] += confusion_counts(pred, label)
         self._episodes[cid] += 1
 
@@ -151,20 +203,28 @@ class EpisodeMetrics:
         return {c: int(self._episodes[c]) for c in self.classes_seen()}
 
     def class_iou(self) -> dict[int, float]:
-        """IoU (fraction) per VOC id seen; ``nan`` where the pooled union is empty."""
+        """IoU (fraction) per VOC id of ``classes`` (or seen); ``nan`` where there were no episodes
+        or the pooled union is empty."""
         out = {}
-        for c in self.classes_seen():
+        for c in self.classes if self.classes is not None else self.classes_seen():
             tp, fp, fn, _ = self._counts[c]
             union = tp + fp + fn
-            out[c] = float(tp / union) if union > 0 else math.nan
+            out[c] = float(tp / union) if union > 0 and self._episodes[c] else math.nan
         return out
 
+    def classes_scored(self) -> int:
+        """How many classes have a defined IoU (episodes and a non-empty pooled union)."""
+        return sum(1 for v in self.class_iou().values() if not math.isnan(v))
+
     def miou(self) -> float:
-        """Mean of the per-class IoUs (fraction) over the classes seen."""
-        values = [v for v in self.class_iou().values() if not math.isnan(v)]
-        if not values:
+        """Mean of the per-class IoUs (fraction): over ``classes`` with an undefined IoU counted as 0
+        (the reference convention), or over the classes seen with a defined IoU."""
+        ious = self.class_iou()
+        if self.classes_scored() == 0:
             raise ValueError("no episodes with a defined IoU were added")
-        return float(np.mean(values))
+        if self.classes is not None:
+            return float(np.mean([0.0 if math.isnan(v) else v for v in ious.values()]))
+        return float(np.mean([v for v in ious.values() if not math.isnan(v)]))
 
     def fg_bg_iou(self) -> tuple[float, float]:
         """(foreground IoU, background IoU) as fractions, each pooled over all episodes."""
@@ -197,6 +257,9 @@ class EpisodeMetrics:
             "class_iou": {class_name(c): _pct(v) for c, v in ious.items()},
             "class_iou_by_id": {str(c): _pct(v) for c, v in ious.items()},
             "episodes": self.num_episodes,
+            # classes in the mIoU: with known classes, the ones not scored count as 0 in it
+            "classes_scored": self.classes_scored(),
+            "classes_in_mean": len(ious) if self.classes is not None else self.classes_scored(),
         }
 
 
@@ -236,6 +299,8 @@ def aggregate_seeds(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"num_seeds": len(results)}
     for key in ("miou", "fbiou"):
         out[f"{key}_mean"], out[f"{key}_std"] = mean_std([r[key] for r in results])
+    if all("classes_scored" in r for r in results):  # the fewest over the test sets
+        out["classes_scored"] = min(r["classes_scored"] for r in results)
     if all("class_iou" in r for r in results):
         names: list[str] = []
         for r in results:

@@ -45,7 +45,10 @@ class SyntheticParams:
     def validate(self, key: str) -> None:
         _positive(self, key, "num_sbd_images", "num_voc_images")
         for name in ("width", "height"):
-            if getattr(self, name) < 96:  # the OSLSM filter samples a 32-pixel grid: 3 x 3 at least
+            # OSLSM's filter samples rows/columns 32k + 1 (simprop/data/filters.py): a side of 96
+            # holds 3 of them (1, 33, 65). The rule's bare minimum for 3 is 66 px, but the generator
+            # sizes its objects to the image, and below 96 px they no longer pass the filter.
+            if getattr(self, name) < 96:
                 raise ParamsError(f"{key}.{name}: must be >= 96 pixels, got {getattr(self, name)}")
 
 
@@ -91,6 +94,10 @@ class EpisodesParams:
     num_episodes: int = 1000
     num_val_episodes: int = 300
     max_shots: int = 5
+    # pairs: the query is a uniformly drawn (image, class) pair, then distinct supports of its class
+    # (OSLSM, CANet, HSNet, PFENet: classes in proportion to their pair counts); uniform: a class
+    # uniformly among the fold's five, then query and supports among its images
+    class_sampling: Literal["pairs", "uniform"] = "pairs"
 
     def validate(self, key: str) -> None:
         _positive(self, key, "num_episodes", "num_val_episodes", "max_shots")
@@ -223,8 +230,13 @@ class TrainParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     shots: tuple[int, ...] = (1, 5)
-    image_size: int = 321  # network input size; scores are computed at the original label size
-    resolution: Literal["original"] = "original"
+    image_size: int = 321  # network input size
+    # the label the prediction is scored against: original = the label's own size (HSNet, PFENet);
+    # 321 = the label resized (nearest) to 321 x 321, as CANet's code scores (the paper's baselines)
+    resolution: Literal["original", "321"] = "original"
+    # void (255) pixels: ignore = in neither intersection nor union (HSNet, PFENet, CANet's loss);
+    # background = counted as background (OSLSM's test code)
+    void: Literal["ignore", "background"] = "ignore"
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
@@ -387,6 +399,8 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         return _build(tp, value, key, source)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in choices:
+            value = str(value)  # `-S evaluate.resolution=321` arrives as an integer
         if value not in choices:
             raise ParamsError(f"{source}: {key} = {value!r} is not allowed; choose one of {list(choices)}")
         return value

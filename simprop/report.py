@@ -136,6 +136,8 @@ def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: i
         "episodes": params.episodes.num_episodes,
         "seeds": list(params.episodes.test_seeds),
         "resolution": params.evaluate.resolution,
+        "void": params.evaluate.void,
+        "class_sampling": params.episodes.class_sampling,
     }
     for key, want in expected.items():
         if key in record and record[key] != want:
@@ -342,7 +344,45 @@ def markdown_table(rows: list[Row], show_shots: bool = True) -> str:
     return text
 
 
-def _header(params: Params) -> str:
+CLASS_SAMPLING_TEXT = {
+    "pairs": "query = a uniformly drawn (image, class) test pair, then distinct supports of its class "
+    "(the OSLSM / CANet / HSNet / PFENet convention: classes in proportion to their pairs)",
+    "uniform": "a class uniformly among the fold's 5, then query and supports among its images "
+    "(not the references' convention: FB-IoU and the spread differ)",
+}
+SCORING_TEXT = {
+    "original": "`original` label size (each query's own; HSNet / PFENet convention)",
+    "321": "`321`: labels resized (nearest) to 321x321, as CANet's code scores",
+}
+VOID_TEXT = {
+    "ignore": "void (255) `ignore`d (in neither intersection nor union)",
+    "background": "void (255) counted as `background` (OSLSM's test code)",
+}
+
+
+def _published_cell(root: Path | None) -> str:
+    """Whether the fold lists are the published OSLSM-protocol lists (from ``metrics/splits.json``)."""
+    path = None if root is None else Path(root) / "metrics" / "splits.json"
+    if path is None or not path.is_file():
+        return f"{DASH} (`metrics/splits.json` not found)"
+    try:
+        published = json.loads(path.read_text()).get("published_lists")
+    except json.JSONDecodeError:
+        return f"{DASH} (`{path}` is not valid JSON)"
+    if not published:
+        return f"{DASH} (not recorded; rerun the splits stage)"
+    if not published.get("checked"):
+        return published.get("note") or "not checked"
+    cells = []
+    for key, value in published.items():
+        if key.startswith("fold") and isinstance(value, dict):
+            marks = (f"{key} {name} {'✓' if v['matches_published'] else '✗'}" for name, v in value.items())
+            cells.append(", ".join(marks))
+    verdict = "**all match**" if published.get("matches_all") else "**MISMATCH: not the published lists**"
+    return f"{verdict} ({published.get('source')}; count + md5): " + "; ".join(cells)
+
+
+def _header(params: Params, root: Path | None = None) -> str:
     ep = params.episodes
     seeds = ", ".join(str(s) for s in ep.test_seeds)
     lines = [
@@ -358,8 +398,16 @@ def _header(params: Params) -> str:
         f"| data source | `{params.data.source}` |",
         f"| test episodes | {ep.num_episodes} per fold and test set |",
         f"| test seeds | {seeds} ({len(ep.test_seeds)} test sets; ± is the sample std, ddof=1, over them) |",
-        f"| evaluation resolution | `{params.evaluate.resolution}` label size (network input "
-        f"{params.evaluate.image_size}x{params.evaluate.image_size}), void (255) ignored |",
+        f"| episode sampling | `{ep.class_sampling}`: {CLASS_SAMPLING_TEXT[ep.class_sampling]} |",
+        f"| scoring (our columns) | {SCORING_TEXT[params.evaluate.resolution]} (network input "
+        f"{params.evaluate.image_size}x{params.evaluate.image_size}), {VOID_TEXT[params.evaluate.void]}; "
+        "mIoU = mean over the fold's 5 classes, a class without a defined IoU counts as 0 "
+        "(`classes_scored` in the metrics) |",
+        "| scoring (paper columns) | the paper's baseline numbers come from CANet's code (\"author-provided "
+        "code\", §4), which scores labels resized to 321x321 (the paper does not state the convention of "
+        "its own numbers). `dvc exp run -S setup=paper -S evaluate.resolution=321` evaluates in that "
+        "convention |",
+        f"| published lists | {_published_cell(root)} |",
         f"| checkpoint | best validation-episode mIoU ({ep.num_val_episodes} episodes, seed {ep.val_seed}) |",
         f"| training | {params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr}, "
         f"backbone `{params.model.backbone_weights}` |",
@@ -522,9 +570,11 @@ def analysis_sections(root: Path) -> str:
     return "\n".join(parts)
 
 
-def render_markdown(params: Params, results: dict, tables: dict[str, list[Row]], analyses: str = "") -> str:
+def render_markdown(
+    params: Params, results: dict, tables: dict[str, list[Row]], analyses: str = "", root: Path | None = None
+) -> str:
     parts = [
-        _header(params),
+        _header(params, root),
         "## Table 3: one-shot and five-shot mIoU\n",
         markdown_table(tables["table3"]),
         "## Table 4: ablation of the components (1-shot)\n",
@@ -765,7 +815,7 @@ def build_report(params: Params, root: str | Path = ".") -> ReportOutputs:
     reports.mkdir(parents=True, exist_ok=True)
 
     tables_md = reports / "tables.md"
-    tables_md.write_text(render_markdown(params, results, tables, analysis_sections(root)))
+    tables_md.write_text(render_markdown(params, results, tables, analysis_sections(root), root))
     csvs = {}
     for name, rows in tables.items():
         csvs[name] = reports / f"{name}.csv"

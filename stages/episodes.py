@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
             written = build_episodes(layout, params.splits.folds, params.episodes)
             run.log_metrics({"test_files": written["test_files"], "val_files": written["val_files"]})
         e = params.episodes
-        print(f"episodes: {written['test_files']} test files ({e.num_episodes} episodes, seeds {list(e.test_seeds)}) "
+        print(f"episodes: class sampling {e.class_sampling}, {written['test_files']} test files ({e.num_episodes} episodes, seeds {list(e.test_seeds)}) "
               f"and {written['val_files']} validation files ({e.num_val_episodes} episodes, seed {e.val_seed}) "
               f"in {layout.episodes}")  # fmt: skip
         return 0

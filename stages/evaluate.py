@@ -1,9 +1,9 @@
 """DVC stage `evaluate@<variant>-<fold>`: score the selected checkpoint on the test episodes.
 
 Usage: python stages/evaluate.py --variant simpropnet --fold 0
-For each test seed and shot count: mIoU, FB-IoU and per-class IoU at the original
-label resolution (255 ignored); the identical-input test (paper Table 5); and the
-support-use controls: the prototype matcher (every test set and shot), the model with
+For each test seed and shot count: mIoU (over the fold's 5 classes), FB-IoU and per-class IoU,
+scored as evaluate.resolution / evaluate.void say; the identical-input test (paper Table 5); and
+the support-use controls: the prototype matcher (every test set and shot), the model with
 a mismatched support (every test set, 1-shot), the all-foreground predictor and the
 untrained network (first test set), and the gains read from them (``support_use``).
 Writes metrics/evaluate/<variant>_fold<i>.json and
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             for shot in params.evaluate.shots:
                 entry = record[f"shot{shot}"]
                 run.log_metrics({f"shot{shot}_miou_mean": entry["miou_mean"], f"shot{shot}_miou_std": entry["miou_std"],
-                                 f"shot{shot}_fbiou_mean": entry["fbiou_mean"]})
+                                 f"shot{shot}_fbiou_mean": entry["fbiou_mean"],
+                                 f"shot{shot}_classes_scored": entry["classes_scored"]})
             if "identical" in record:
                 run.log_metrics({"identical_miou": record["identical"]["miou"]})
             run.log_metrics({"mismatched_miou_mean": record["mismatched"]["miou_mean"],

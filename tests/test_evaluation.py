@@ -81,3 +81,40 @@ def test_all_foreground_reference_equals_the_foreground_fraction(setup):
         fg = sum(int((store.label(e.query) == cls).sum()) for e in episodes if e.cls == cls)
         valid = sum(int((store.label(e.query) != 255).sum()) for e in episodes if e.cls == cls)
         assert iou == pytest.approx(fg / valid)
+
+
+def test_scoring_conventions_change_what_the_prediction_is_scored_against(setup):
+    """evaluate.resolution 321 scores 321 x 321 labels (CANet's code); void background counts the
+    void band of every query against the all-foreground predictor (OSLSM)."""
+    paths, store, model = setup
+    episodes = read_episodes(paths.episode_file(0, "test_seed1"), 1)[:8]
+    classes = (1, 2, 3, 4, 5)
+    runner = EpisodeRunner(model, store, torch.device("cpu"), batch_size=4, resolution="321", classes=classes)
+    for p in runner.predict(episodes):
+        assert p.pred.shape == p.label.shape == (321, 321)
+    original = next(EpisodeRunner(model, store, torch.device("cpu"), batch_size=4).predict(episodes[:1]))
+    assert original.pred.shape == store.label(episodes[0].query).shape
+    ignore = all_foreground_metrics(store, episodes, classes=classes)
+    background = all_foreground_metrics(store, episodes, void="background", classes=classes)
+    for cls, iou in background.class_iou().items():
+        if np.isnan(iou):
+            continue
+        fg = sum(int((store.label(e.query) == cls).sum()) for e in episodes if e.cls == cls)
+        everything = sum(store.label(e.query).size for e in episodes if e.cls == cls)
+        assert iou == pytest.approx(fg / everything)  # void pixels are predicted foreground: false positives
+        assert iou <= ignore.class_iou()[cls]
+    # the mean is over the fold's five classes, whatever the eight episodes hold
+    assert ignore.summary()["classes_in_mean"] == 5
+    assert ignore.miou() == pytest.approx(sum(v for v in ignore.class_iou().values() if not np.isnan(v)) / 5)
+
+
+def test_qualitative_panels_at_the_321_scoring_size(data_pipeline, setup, tmp_path):
+    from simprop.evaluation import qualitative_rows
+    from simprop.visualize import save_qualitative
+
+    layout, params, _ = data_pipeline
+    paths, store, model = setup
+    runner = EpisodeRunner(model, store, torch.device("cpu"), batch_size=4, resolution="321")
+    rows = qualitative_rows(params, runner, 0, layout.root.parent, 2)
+    assert [r["query"].shape for r in rows] == [(321, 321, 3)] * 2 and rows[0]["pred"].shape == (321, 321)
+    assert save_qualitative(rows, tmp_path / "q.png", title="321").is_file()

@@ -12,6 +12,7 @@ from simprop.metrics import (
     confusion_counts,
     episode_label,
     mean_std,
+    scoring_label,
 )
 from simprop.voc import VOC_CLASSES, class_id, class_name, fold_classes, split_name, train_classes
 
@@ -163,3 +164,46 @@ def test_aggregate_seeds_uses_sample_std():
     assert mean_std([1.0, None, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
     with pytest.raises(ValueError):
         aggregate_seeds([])
+
+
+# ---------------------------------------------------------------------- issue 10: classes, scoring
+
+
+def test_miou_over_the_fold_counts_missing_classes_as_zero():
+    fold0 = fold_classes(0)
+    m = EpisodeMetrics(classes=fold0)
+    m.update(*_episode(tp=4, fp=0, fn=0, tn=4), class_id=1)  # IoU 1
+    m.update(*_episode(tp=1, fp=1, fn=0, tn=4), class_id=2)  # IoU 0.5
+    m.update(*_episode(tp=0, fp=0, fn=0, tn=5, void=3), class_id=3)  # empty union: undefined
+    # classes 4 and 5 had no episode: (1 + 0.5 + 0 + 0 + 0) / 5, never (1 + 0.5) / 2
+    assert m.miou() == pytest.approx(1.5 / 5)
+    summary = m.summary()
+    assert summary["classes_scored"] == 2 and summary["classes_in_mean"] == 5
+    assert summary["class_iou"] == {"aeroplane": 100.0, "bicycle": 50.0, "bird": None, "boat": None, "bottle": None}
+    assert summary["miou"] == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="not one of this accumulator's classes"):
+        m.update(*_episode(tp=1, fp=0, fn=0, tn=1), class_id=6)
+    # without known classes the mean is over the classes seen, and says so
+    seen = EpisodeMetrics()
+    seen.update(*_episode(tp=4, fp=0, fn=0, tn=4), class_id=1)
+    seen.update(*_episode(tp=1, fp=1, fn=0, tn=4), class_id=2)
+    assert seen.miou() == pytest.approx(0.75) and seen.summary()["classes_scored"] == 2
+    assert seen.summary()["classes_in_mean"] == 2
+    assert aggregate_seeds([summary, {**summary, "classes_scored": 1}])["classes_scored"] == 1
+
+
+def test_scoring_label_conventions_by_hand():
+    label = np.array([[1, 0], [0, 255]], dtype=np.uint8)
+    np.testing.assert_array_equal(scoring_label(label, 1), [[1, 0], [0, 255]])
+    np.testing.assert_array_equal(scoring_label(label, 1, void="background"), [[1, 0], [0, 0]])
+    # 321: PIL nearest reads source pixel floor((i + 0.5) * 2 / 321): rows/columns 0..159 -> 0, 160..320 -> 1
+    big = scoring_label(label, 1, resolution="321")
+    assert big.shape == (321, 321)
+    assert (big == 1).sum() == 160 * 160 and (big == 255).sum() == 161 * 161
+    assert big[159, 159] == 1 and big[160, 160] == 255
+    assert (scoring_label(label, 1, resolution="321", void="background") == 255).sum() == 0
+    # a 7-pixel row: output column i reads floor((i + 0.5) * 7 / 321); value v starts at ceil(v * 321 / 7 - 0.5)
+    row = scoring_label(np.arange(7, dtype=np.uint8)[None], 3, resolution="321")
+    assert np.flatnonzero(row[0] == 1).tolist() == list(range(138, 183))
+    with pytest.raises(ValueError, match="evaluate.resolution"):
+        scoring_label(label, 1, resolution="500")

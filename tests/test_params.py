@@ -67,3 +67,24 @@ def test_cli_reports_bad_params(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert main(["params", "--params", str(tmp_path / "params.yaml")]) == 2
     assert "train.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "section, key, good, bad",
+    [
+        ("episodes", "class_sampling", ["pairs", "uniform"], ["images", 1]),
+        ("evaluate", "resolution", ["original", "321", 321], ["320", 320, "500"]),
+        ("evaluate", "void", ["ignore", "background"], ["foreground", True]),
+    ],
+)
+def test_protocol_options_are_validated(section, key, good, bad):
+    """The sampling and scoring conventions (issue 10): every allowed value loads, others name the key."""
+    for value in good:
+        raw = committed()
+        raw[section][key] = value
+        assert getattr(getattr(params_from_dict(raw), section), key) == str(value)
+    for value in bad:
+        raw = committed()
+        raw[section][key] = value
+        with pytest.raises(ParamsError, match=f"{section}.{key}"):
+            params_from_dict(raw)

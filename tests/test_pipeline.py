@@ -185,6 +185,29 @@ def test_changing_the_learning_rate_reruns_training_and_nothing_upstream(pipelin
         assert "train.lr" in json.dumps(changed[name])
 
 
+def test_scoring_and_sampling_params_dirty_exactly_the_stages_that_read_them(pipeline):
+    """Issue 10: `dvc exp run -S evaluate.resolution=321` (or evaluate.void, or another episode
+    sampling) must rerun what reads the key and nothing more: the keys are declared in dvc.yaml."""
+    params_path = pipeline / "params.yaml"
+    original = params_path.read_text()
+    evaluations = {f"evaluate@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    try:
+        for section, key, value in (("evaluate", "resolution", "321"), ("evaluate", "void", "background")):
+            params = yaml.safe_load(original)
+            params[section][key] = value
+            params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+            changed = json.loads(run([*DVC, "status", "--json"], pipeline).stdout)
+            assert set(changed) == evaluations | {"report"}, (key, sorted(changed))
+        params = yaml.safe_load(original)
+        params["episodes"]["class_sampling"] = "uniform"
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = json.loads(run([*DVC, "status", "--json"], pipeline).stdout)
+        assert {"episodes", "report"} | evaluations <= set(changed) and not trainings & set(changed)
+    finally:
+        params_path.write_text(original)
+
+
 def test_bad_params_fail_before_any_work(pipeline, tmp_path):
     repo = pipeline
     params_path = repo / "params.yaml"
@@ -271,7 +294,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.rmtree(model_dir)
     state_file = model_dir / "state.json"
-    env = git_env()
+    env = {**git_env(), "PYTHONPATH": str(repo)}  # the repo's own simprop/, as run() uses, not an installed one
     try:
         proc = subprocess.Popen(
             [sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"],

@@ -303,3 +303,53 @@ def test_analysis_outputs_join_the_report(tmp_path):
     assert "not run" in text and "background_similarity.md" in text  # the missing ones say so
     assert "\n### Error similarity" in text  # the analysis' own title, demoted, heads its section
     assert "Similarity of mispredicted regions" not in text  # ... instead of a second heading
+
+
+def _header_rows(md: str) -> dict[str, str]:
+    head = md.split("## Table 3", 1)[0]
+    return {r[0]: r[1] for r in (
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in head.splitlines() if line.startswith("| ")
+    ) if len(r) == 2}  # fmt: skip
+
+
+def test_header_states_the_protocol_conventions_and_the_published_lists(built, tmp_path):
+    """Issue 10: episode sampling, our scoring convention, the paper's (CANet's code, 321x321) and
+    whether the fold lists are the published ones."""
+    root, params, out = built
+    rows = _header_rows(out.tables_md.read_text())
+    assert rows["episode sampling"].startswith("`pairs`: query = a uniformly drawn (image, class) test pair")
+    assert "`original` label size" in rows["scoring (our columns)"]
+    assert "void (255) `ignore`d" in rows["scoring (our columns)"] and "counts as 0" in rows["scoring (our columns)"]
+    assert "CANet's code" in rows["scoring (paper columns)"] and "321x321" in rows["scoring (paper columns)"]
+    assert "-S evaluate.resolution=321" in rows["scoring (paper columns)"]
+    assert "metrics/splits.json` not found" in rows["published lists"]
+
+    other = dataclasses.replace(
+        params,
+        evaluate=dataclasses.replace(params.evaluate, resolution="321", void="background"),
+        episodes=dataclasses.replace(params.episodes, class_sampling="uniform"),
+    )
+    for variant in other.train.variants:
+        for fold in other.train.folds:
+            write_run(tmp_path, other, variant, fold, curves=None)
+            record = json.loads(evaluate_metrics_path(tmp_path, variant, fold).read_text())
+            record.update(void="background", class_sampling="uniform")
+            evaluate_metrics_path(tmp_path, variant, fold).write_text(json.dumps(record))
+    splits = {"published_lists": {"checked": True, "matches_all": False, "source": "HSNet lists",
+                                  "fold0": {"trn": {"matches_published": True}, "val": {"matches_published": False}}}}  # fmt: skip
+    (tmp_path / "metrics" / "splits.json").write_text(json.dumps(splits))
+    rows = _header_rows(build_report(other, tmp_path).tables_md.read_text())
+    assert rows["episode sampling"].startswith("`uniform`")
+    assert "`321`: labels resized (nearest) to 321x321" in rows["scoring (our columns)"]
+    assert "counted as `background`" in rows["scoring (our columns)"]
+    assert rows["published lists"].startswith("**MISMATCH") and "fold0 trn ✓, fold0 val ✗" in rows["published lists"]
+    splits["published_lists"] = {"checked": False, "note": "not checked: data.source 'synthetic'"}
+    (tmp_path / "metrics" / "splits.json").write_text(json.dumps(splits))
+    rows = _header_rows(build_report(other, tmp_path).tables_md.read_text())
+    assert rows["published lists"] == "not checked: data.source 'synthetic'"
+
+    # a metrics file scored in another convention is stale
+    stale = json.loads(evaluate_metrics_path(tmp_path, "canet", 0).read_text())
+    evaluate_metrics_path(tmp_path, "canet", 0).write_text(json.dumps({**stale, "void": "ignore"}))
+    with pytest.raises(StaleInputError, match="void"):
+        build_report(other, tmp_path)

@@ -41,3 +41,14 @@ def test_overrides_apply_on_top_of_a_setup():
 def test_hydra_composition_is_enabled_for_dvc():
     config = (ROOT / ".dvc" / "config").read_text()
     assert "[hydra]" in config and "enabled = True" in config
+
+
+def test_both_setups_use_the_fields_episode_sampling_and_scoring():
+    for setup in ("default", "paper"):
+        params = params_from_dict(composed(f"setup={setup}"))
+        assert params.episodes.class_sampling == "pairs", setup
+        assert (params.evaluate.resolution, params.evaluate.void) == ("original", "ignore"), setup
+        assert params.splits.small_object_filter == "oslsm", setup
+    # the paper's convention is one override away, as the README shows
+    params = params_from_dict(composed("setup=paper", "evaluate.resolution=321"))
+    assert params.evaluate.resolution == "321" and params.train.image_size == 321

@@ -7,25 +7,52 @@ pairs; ``val.csv`` holds ``episodes.num_val_episodes`` episodes drawn from ``val
 which params validation keeps disjoint from the test seeds. Validation episodes serve only for
 checkpoint selection.
 
-An episode: a class drawn uniformly from the fold's five classes, then ``max_shots + 1``
-distinct images of that class drawn without replacement: the first is the query, the rest
-the supports. So supports never equal the query, the k-shot supports are distinct, and the
-k-shot episode uses ``support1..k``: the 1-shot episode is the 5-shot episode's first support
-with the same query, which pairs 1-shot and 5-shot results.
+An episode (``episodes.class_sampling``):
 
-Each file is drawn from ``numpy.random.default_rng([seed, fold])`` over sorted inputs, so the
-same inputs and params give byte-identical files.
+* ``pairs`` (the field's convention): the query is an (image, class) pair drawn uniformly from the
+  pool's pairs of the fold's classes, so classes come in proportion to their pair counts, as in
+  OSLSM (``OSLSM/code/ss_datalayer.py``, one item per pair), CANet (``CaNet/dataset_mask_val.py``),
+  HSNet (``hsnet/data/pascal.py`` ``sample_episode``) and PFENet; then ``max_shots`` distinct
+  supports among the other images of that class;
+* ``uniform``: a class drawn uniformly from the fold's five, then ``max_shots + 1`` distinct images
+  of it: the first is the query, the rest the supports.
+
+Either way supports never equal the query, the k-shot supports are distinct, and the k-shot
+episode uses ``support1..k``: the 1-shot episode is the 5-shot episode's first support with the
+same query, which pairs 1-shot and 5-shot results.
+
+**Mismatched supports** (the support-use control): every episode also gets ``mismatch_class``, a
+class of the same fold other than its own (uniformly among the other four), and
+``mismatch1..mismatch<max_shots>``, distinct images of that class from the same pool, never the
+query; images not listed with the episode's own class in that pool come first (all of them are
+drawn from those when there are at least ``max_shots``). They come from a separate stream,
+``numpy.random.default_rng([seed, fold, MISMATCH_STREAM])``, so the episodes themselves are the
+same with or without them.
+
+Each file's episodes are drawn from ``numpy.random.default_rng([seed, fold])`` over sorted inputs,
+so the same inputs and params give byte-identical files. ``provenance.json`` beside the fold
+folders records the sampling rule, the streams and each file's per-class episode counts.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from simprop.data.errors import EpisodeError
-from simprop.data.io import Episode, install_tree, read_pairs, write_episodes
+from simprop.data.io import (
+    Episode,
+    atomic_write_text,
+    episode_header,
+    install_tree,
+    read_pairs,
+    write_episodes,
+)
 from simprop.data.layout import DataLayout
 from simprop.data.voc import class_name, fold_classes
 
@@ -39,6 +66,11 @@ def images_by_class(pairs: Sequence[tuple[str, int]], classes: Sequence[int]) ->
     return {c: sorted(ids) for c, ids in by_class.items()}
 
 
+MISMATCH_STREAM = 0x6D69736D  # ASCII "mism": third seed word of the mismatched-support stream
+CLASS_SAMPLING = ("pairs", "uniform")
+PROVENANCE = "provenance.json"
+
+
 def draw_episodes(
     pairs: Sequence[tuple[str, int]],
     classes: Sequence[int],
@@ -48,11 +80,17 @@ def draw_episodes(
     seed: int,
     fold: int,
     source: str = "pairs",
+    class_sampling: str = "pairs",
+    mismatch: bool = True,
 ) -> list[Episode]:
     """``num_episodes`` episodes with ``max_shots`` supports each, reproducible from ``(seed, fold)``.
 
-    Raises :class:`EpisodeError` when a class has fewer than ``max_shots + 1`` images.
+    ``class_sampling`` and ``mismatch`` as in the module docstring. Raises :class:`EpisodeError`
+    when a class has fewer than ``max_shots + 1`` images, or when mismatched supports are asked
+    for with fewer than two classes.
     """
+    if class_sampling not in CLASS_SAMPLING:
+        raise ValueError(f"episodes.class_sampling: {class_sampling!r} is not one of {list(CLASS_SAMPLING)}")
     by_class = images_by_class(pairs, classes)
     for cls, images in by_class.items():
         if len(images) < max_shots + 1:
@@ -62,41 +100,113 @@ def draw_episodes(
                 f"(a query and {max_shots} distinct supports). Lower episodes.max_shots, relax "
                 "splits.small_object_filter, or use more data (data.synthetic.num_voc_images)."
             )
+    if mismatch and len(set(classes)) < 2:
+        raise EpisodeError(
+            f"fold {fold}, {source}: mismatched supports need at least two classes, got {list(classes)}"
+        )
     rng = np.random.default_rng([seed, fold])
     episodes = []
-    for index in range(num_episodes):
-        cls = classes[int(rng.integers(len(classes)))]
-        images = by_class[cls]
-        picks = rng.choice(len(images), size=max_shots + 1, replace=False)
-        episodes.append(Episode(index, images[picks[0]], cls, tuple(images[i] for i in picks[1:])))
+    if class_sampling == "pairs":
+        query_pairs = [(image, cls) for cls in sorted(by_class) for image in by_class[cls]]
+        for index in range(num_episodes):
+            query, cls = query_pairs[int(rng.integers(len(query_pairs)))]
+            others = [i for i in by_class[cls] if i != query]
+            picks = rng.choice(len(others), size=max_shots, replace=False)
+            episodes.append(Episode(index, query, cls, tuple(others[i] for i in picks)))
+    else:
+        for index in range(num_episodes):
+            cls = classes[int(rng.integers(len(classes)))]
+            images = by_class[cls]
+            picks = rng.choice(len(images), size=max_shots + 1, replace=False)
+            episodes.append(Episode(index, images[picks[0]], cls, tuple(images[i] for i in picks[1:])))
+    if mismatch:
+        episodes = add_mismatched_supports(episodes, by_class, max_shots=max_shots, seed=seed, fold=fold)
     return episodes
 
 
+def add_mismatched_supports(
+    episodes: Sequence[Episode], by_class: dict[int, list[str]], *, max_shots: int, seed: int, fold: int
+) -> list[Episode]:
+    """The episodes with ``mismatch_class`` and ``max_shots`` mismatched supports each, drawn from
+    ``default_rng([seed, fold, MISMATCH_STREAM])`` (see the module docstring)."""
+    rng = np.random.default_rng([seed, fold, MISMATCH_STREAM])
+    classes = sorted(by_class)
+    members = {c: set(images) for c, images in by_class.items()}
+    out = []
+    for e in episodes:
+        others = [c for c in classes if c != e.cls]
+        other = others[int(rng.integers(len(others)))]
+        candidates = [i for i in by_class[other] if i != e.query]
+        preferred = [i for i in candidates if i not in members[e.cls]]
+        if len(preferred) >= max_shots:
+            picks = [preferred[i] for i in rng.choice(len(preferred), size=max_shots, replace=False)]
+        else:  # every preferred image (in random order), then the rest at random
+            rest = [i for i in candidates if i in members[e.cls]]
+            picks = [preferred[i] for i in rng.permutation(len(preferred))]
+            picks += [rest[i] for i in rng.choice(len(rest), size=max_shots - len(picks), replace=False)]
+        out.append(replace(e, mismatch_class=other, mismatch_supports=tuple(picks)))
+    return out
+
+
 def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str, int]:
-    """Write every fold's test and validation episode files; returns the number of files.
+    """Write every fold's test and validation episode files and ``provenance.json``; returns the
+    number of files.
 
     ``params`` is the ``episodes`` params section (:class:`simprop.params.EpisodesParams`).
     """
     written = {"test_files": 0, "val_files": 0}
+    sampling = getattr(params, "class_sampling", "pairs")
+    files: dict[str, dict] = {}
+
+    def draw(tmp: Path, name: str, pairs, classes, num: int, seed: int, fold: int, source: str) -> None:
+        episodes = draw_episodes(
+            pairs, classes, num_episodes=num, max_shots=params.max_shots, seed=seed, fold=fold,
+            source=source, class_sampling=sampling,
+        )  # fmt: skip
+        write_episodes(tmp / f"fold{fold}" / name, episodes)
+        counts = Counter(e.cls for e in episodes)
+        files[f"fold{fold}/{name}"] = {
+            "pool": f"splits/fold{fold}/{source.split(' ')[0]}",
+            "seed": seed,
+            "episodes": len(episodes),
+            "episodes_per_class": {class_name(c): counts.get(c, 0) for c in classes},
+        }
 
     def build(tmp: Path) -> None:
         for fold in folds:
             classes = fold_classes(fold)
             test_pairs = read_pairs(layout.split_file(fold, "test"))
             for seed in params.test_seeds:
-                episodes = draw_episodes(
-                    test_pairs, classes, num_episodes=params.num_episodes, max_shots=params.max_shots,
-                    seed=seed, fold=fold, source=f"test.csv (seed {seed})",
-                )  # fmt: skip
-                write_episodes(tmp / f"fold{fold}" / f"test_seed{seed}.csv", episodes)
+                draw(tmp, f"test_seed{seed}.csv", test_pairs, classes, params.num_episodes, seed, fold,
+                     f"test.csv (seed {seed})")  # fmt: skip
                 written["test_files"] += 1
             val_pairs = read_pairs(layout.split_file(fold, "val"))
-            episodes = draw_episodes(
-                val_pairs, classes, num_episodes=params.num_val_episodes, max_shots=params.max_shots,
-                seed=params.val_seed, fold=fold, source="val.csv (validation episodes)",
-            )  # fmt: skip
-            write_episodes(tmp / f"fold{fold}" / "val.csv", episodes)
+            draw(tmp, "val.csv", val_pairs, classes, params.num_val_episodes, params.val_seed, fold,
+                 "val.csv (validation episodes)")  # fmt: skip
             written["val_files"] += 1
+        provenance = {
+            "class_sampling": sampling,
+            "class_sampling_rule": CLASS_SAMPLING_RULES[sampling],
+            "max_shots": params.max_shots,
+            "episode_stream": "numpy.random.default_rng([seed, fold])",
+            "mismatch_stream": f"numpy.random.default_rng([seed, fold, {MISMATCH_STREAM}])",
+            "mismatch_rule": MISMATCH_RULE,
+            "columns": list(episode_header(params.max_shots, mismatch=True)),
+            "files": files,
+        }
+        atomic_write_text(tmp / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
 
     install_tree(layout.episodes, build)
     return written
+
+
+CLASS_SAMPLING_RULES = {
+    "pairs": "query = a uniformly drawn (image, class) pair of the pool, then max_shots distinct other "
+    "images of its class (OSLSM / CANet / HSNet / PFENet convention)",
+    "uniform": "class uniformly among the fold's classes, then max_shots + 1 distinct images of it "
+    "(query first)",
+}
+MISMATCH_RULE = (
+    "mismatch_class uniformly among the fold's other classes; mismatch1..K distinct images of it from "
+    "the same pool, never the query, those not listed with the episode's class first"
+)

@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -196,9 +196,11 @@ def read_pairs(path: Path) -> list[tuple[str, int]]:
 class Episode:
     """One few-shot episode: segment ``cls`` in ``query`` from the ``supports``' masks.
 
-    ``mismatch_class`` / ``mismatch_supports``: supports of another class of the fold, for the
-    mismatched-support control.  ``support_class`` is the class of the supports' masks when it
-    is not ``cls`` (an episode from :meth:`mismatched`).
+    Episode files also carry **mismatched supports** (the support-use control): ``mismatch_class``,
+    another class of the same fold, and ``mismatch_supports``, distinct images of that class (never
+    the query). :meth:`mismatched` turns the episode into that control: same query, still scored
+    on ``cls``, but the supports (and their masks, of :attr:`support_mask_class`) are of
+    ``mismatch_class``.
     """
 
     index: int
@@ -207,11 +209,11 @@ class Episode:
     supports: tuple[str, ...]
     mismatch_class: int | None = None
     mismatch_supports: tuple[str, ...] = ()
-    support_class: int | None = None
+    support_class: int | None = None  # class of the support masks; None = cls
 
     @property
     def support_mask_class(self) -> int:
-        """The class whose mask each support contributes (``cls`` unless mismatched)."""
+        """The class whose masks the supports are given with (``cls`` unless :meth:`mismatched`)."""
         return self.cls if self.support_class is None else self.support_class
 
     def shots(self, k: int) -> tuple[str, ...]:
@@ -221,37 +223,73 @@ class Episode:
         return self.supports[:k]
 
     def mismatched(self, k: int) -> "Episode":
-        """The same query, scored for ``cls``, with the first ``k`` supports of the mismatch class."""
-        if self.mismatch_class is None or not 1 <= k <= len(self.mismatch_supports):
-            raise ValueError(f"episode {self.index} has no {k}-shot mismatched support")
-        return Episode(self.index, self.query, self.cls, self.mismatch_supports[:k], support_class=self.mismatch_class)
+        """The k-shot mismatched-support episode: same query and scoring class ``cls``, the first
+        ``k`` mismatch supports as supports, their masks of ``mismatch_class``."""
+        if self.mismatch_class is None:
+            raise ValueError(
+                f"episode {self.index} has no mismatched supports; rerun the episodes stage to write them"
+            )
+        if not 1 <= k <= len(self.mismatch_supports):
+            raise ValueError(
+                f"episode {self.index} has {len(self.mismatch_supports)} mismatched supports, asked for {k}"
+            )
+        return replace(self, supports=self.mismatch_supports[:k], support_class=self.mismatch_class)
 
 
-def episode_header(max_shots: int) -> tuple[str, ...]:
-    return ("episode", "query", "class", *(f"support{i}" for i in range(1, max_shots + 1)))
+def episode_header(max_shots: int, mismatch: bool = False) -> tuple[str, ...]:
+    header = ("episode", "query", "class", *(f"support{i}" for i in range(1, max_shots + 1)))
+    if mismatch:
+        header += ("mismatch_class", *(f"mismatch{i}" for i in range(1, max_shots + 1)))
+    return header
 
 
 def write_episodes(path: Path, episodes: Sequence[Episode]) -> None:
-    """Write episodes as CSV: ``episode,query,class,support1..support<max_shots>``."""
+    """Write episodes as CSV: ``episode,query,class,support1..support<K>`` and, when the episodes
+    have them, ``mismatch_class,mismatch1..mismatch<K>`` (K = max shots)."""
     max_shots = len(episodes[0].supports) if episodes else 1
-    rows = ((e.index, e.query, e.cls, *e.supports) for e in episodes)
-    atomic_write_text(path, _csv_text(episode_header(max_shots), rows))
+    mismatch = any(e.mismatch_class is not None for e in episodes)
+    for e in episodes:
+        bad_mismatch = mismatch and (e.mismatch_class is None or len(e.mismatch_supports) != max_shots)
+        if len(e.supports) != max_shots or bad_mismatch:
+            raise ValueError(
+                f"{path}: episode {e.index} has {len(e.supports)} supports and {len(e.mismatch_supports)} "
+                f"mismatched supports; every episode of a file needs {max_shots} of each"
+            )
+    if mismatch:
+        rows = ((e.index, e.query, e.cls, *e.supports, e.mismatch_class, *e.mismatch_supports) for e in episodes)
+    else:
+        rows = ((e.index, e.query, e.cls, *e.supports) for e in episodes)
+    atomic_write_text(path, _csv_text(episode_header(max_shots, mismatch), rows))
 
 
 def read_episodes(path: Path, shots: int | None = None) -> list[Episode]:
-    """Episodes of a file written by :func:`write_episodes`; ``shots`` keeps only the first k supports."""
+    """Episodes of a file written by :func:`write_episodes`; ``shots`` keeps only the first k
+    supports (and the first k mismatched supports, when the file has them)."""
     try:
         with open(path, newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None or header[:3] != ["episode", "query", "class"] or len(header) < 4:
                 raise DataError(f"{path}: not an episode file (header {header})")
-            max_shots = len(header) - 3
+            max_shots = sum(1 for name in header if name.startswith("support"))
+            mismatch = "mismatch_class" in header
+            if tuple(header) != episode_header(max_shots, mismatch):
+                raise DataError(f"{path}: not an episode file (header {header})")
             if shots is not None and not 1 <= shots <= max_shots:
                 raise DataError(f"{path}: holds {max_shots}-shot episodes, cannot give {shots} shots")
             keep = max_shots if shots is None else shots
-            return [
-                Episode(int(row[0]), row[1], int(row[2]), tuple(row[3 : 3 + keep])) for row in reader
-            ]
+            episodes = []
+            for line, row in enumerate(reader, start=2):
+                if len(row) != len(header):
+                    raise DataError(f"{path}, line {line}: {len(row)} fields, the header has {len(header)}")
+                extra = {}
+                if mismatch:
+                    first = 3 + max_shots
+                    extra = {
+                        "mismatch_class": int(row[first]),
+                        "mismatch_supports": tuple(row[first + 1 : first + 1 + keep]),
+                    }
+                episodes.append(Episode(int(row[0]), row[1], int(row[2]), tuple(row[3 : 3 + keep]), **extra))
+            return episodes
     except FileNotFoundError:
         raise DataError(f"{path}: episode file not found; run the episodes stage first") from None
