@@ -191,18 +191,23 @@ def unsafe_archive(path: Path, kind: str) -> Path:
         ok.size = 2
         tar.addfile(ok, io.BytesIO(b"ok"))
         bad = tarfile.TarInfo({"absolute": "/tmp/simprop-evil.txt", "dotdot": "dataset/../../evil.txt",
-                               "symlink": "dataset/link", "hardlink": "dataset/hard"}[kind])  # fmt: skip
+                               "symlink": "dataset/link", "hardlink": "dataset/hard", "device": "dataset/dev",
+                               "fifo": "dataset/fifo"}[kind])  # fmt: skip
         if kind == "symlink":
             bad.type, bad.linkname = tarfile.SYMTYPE, "../../outside"
         elif kind == "hardlink":
             bad.type, bad.linkname = tarfile.LNKTYPE, "../outside.txt"
+        elif kind == "device":
+            bad.type, bad.devmajor, bad.devminor = tarfile.CHRTYPE, 1, 3
+        elif kind == "fifo":
+            bad.type = tarfile.FIFOTYPE
         else:
             bad.size = 4
         tar.addfile(bad, io.BytesIO(b"evil") if bad.isfile() else None)
     return path
 
 
-@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink", "device", "fifo"])
 def test_unsafe_archive_member_is_rejected(tmp_path, kind):
     archive = unsafe_archive(tmp_path / "evil.tar", kind)
     target = tmp_path / "work" / "raw"

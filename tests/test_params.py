@@ -126,9 +126,10 @@ def test_read_only_inputs_may_live_elsewhere():
     assert params.analysis.supervised_weights.startswith("../")
 
 
-@pytest.mark.parametrize("value", [0, -1.0, "soon"])
-def test_stall_timeout_must_be_a_positive_number(value):
+@pytest.mark.parametrize("value, phrase", [(0, "must be > 0"), (-1.0, "must be > 0"), ("soon", "must be a number")])
+def test_stall_timeout_must_be_a_positive_number(value, phrase):
     raw = committed()
+    assert raw["data"]["stall_timeout_s"] == 60.0  # the committed default
     raw["data"]["stall_timeout_s"] = value
-    with pytest.raises(ParamsError, match=r"data\.stall_timeout_s"):
+    with pytest.raises(ParamsError, match=rf"data\.stall_timeout_s.*{phrase}"):
         params_from_dict(raw)
