@@ -310,9 +310,12 @@ def test_training_state_is_plain_and_loads_with_weights_only(tmp_path):
     identity = dataclasses.replace(IDENTITY, variant="dpr", fold=0)
     path = save_training_state(tmp_path / "last.pt", identity=identity, fingerprint="f" * 16, epoch=0,
                                model_state=model.trainable_state_dict(), optimizer_state=opt.state_dict(),
-                               history=history, run_id="0123abcd")  # fmt: skip
+                               history=history, run_id="0123abcd",
+                               iom_history={"table": torch.zeros(3, 2, 4, 4, dtype=torch.float16),
+                                            "seen": torch.zeros(3, dtype=torch.bool)})  # fmt: skip
     raw = torch.load(path, weights_only=True)  # tensors and plain containers only
     assert raw["run_id"] == "0123abcd" and raw["history"]["val"] == [(1, 41.5)]
+    assert raw["iom_history"]["table"].shape == (3, 2, 4, 4)  # extra state to resume travels too
     state = load_training_state(path, CheckpointIdentity(variant="dpr", fold=0))
     assert state["fingerprint"] == "f" * 16 and "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
     with pytest.raises(CheckpointError, match=r"last\.pt holds a 'dpr' model of fold 0 .* expected a 'dpr' model of fold 2"):

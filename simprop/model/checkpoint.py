@@ -212,10 +212,12 @@ def save_checkpoint(path: str | os.PathLike, model, *, identity: CheckpointIdent
 
 def save_training_state(path: str | os.PathLike, *, identity: CheckpointIdentity, fingerprint: str, epoch: int,
                         model_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],
-                        history: Mapping[str, Any], run_id: str | None = None) -> Path:  # fmt: skip
+                        history: Mapping[str, Any], run_id: str | None = None, **extra: Any) -> Path:  # fmt: skip
     """Write a resumable training state (``last.pt``) of tensors and plain containers only.
 
     ``run_id``: the MLflow run that wrote it, so a resumed run can name the run it continues.
+    ``extra``: more state to resume (e.g. ``iom_history={"table": tensor, "seen": tensor}``),
+    stored under its own key; tensors and plain containers only, like everything else here.
     """
     payload = {
         "format": STATE_FORMAT,
@@ -228,6 +230,10 @@ def save_training_state(path: str | os.PathLike, *, identity: CheckpointIdentity
         "history": _plain(history),
         "run_id": run_id,
     }
+    for key, value in extra.items():
+        if key in payload:
+            raise ValueError(f"save_training_state: {key!r} is a reserved key")
+        payload[key] = _plain(value)
     return _atomic_save(payload, Path(path))
 
 
