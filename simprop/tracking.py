@@ -440,28 +440,44 @@ def close_dangling_runs(client: "MlflowClient", experiment_id: str, key: str, re
     return closed
 
 
+_previous_sigterm: list = []  # the handler to give back; non-empty while a stage run holds SIGTERM
+
+
+def _child_gets_previous_sigterm() -> None:
+    """In a process forked while a stage run holds SIGTERM (data workers): the handler as it was."""
+    if _previous_sigterm:
+        signal.signal(signal.SIGTERM, _previous_sigterm[-1])
+        _previous_sigterm.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_child_gets_previous_sigterm)
+
+
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
     """While open: SIGTERM raises :class:`StageTerminated` in this (main) thread, so the run is
-    closed as KILLED; SIGINT already raises ``KeyboardInterrupt``.  Child processes that inherit
-    the handler (forked data workers) die of SIGTERM as before."""
+    closed as KILLED; SIGINT already raises ``KeyboardInterrupt``.  Processes forked meanwhile
+    (data workers) get the previous handler back at once, so they die of SIGTERM as before."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     owner = os.getpid()
 
     def handler(signum, frame):
-        if os.getpid() != owner:  # a forked worker: behave as if no handler were installed
+        if os.getpid() != owner:  # a child that somehow kept this handler: behave as before
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         raise StageTerminated(signum)
 
     previous = signal.signal(signal.SIGTERM, handler)
+    _previous_sigterm.append(previous)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _previous_sigterm.pop()
 
 
 class StageRun:
