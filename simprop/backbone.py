@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from simprop import atomic
 from simprop.datasets import DataPaths, ImageStore, read_pairs
 from simprop.model.encoder import Backbone, build_backbone
 from simprop.model.resnet import Bottleneck
@@ -97,13 +97,8 @@ def materialise_backbone(params: Params, root: Path) -> dict:
     else:
         backbone = build_backbone(cfg.source, cfg.seed)  # imagenet or a file; errors explain what to do
     provenance["sha256"] = backbone.checksum()
-    out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(backbone.state_dict(), buffer)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, out)
-    meta = out.with_name(out.name + ".json")
-    meta.with_name(meta.name + ".tmp").write_text(json.dumps(provenance, indent=1) + "\n")
-    os.replace(meta.with_name(meta.name + ".tmp"), meta)
+    atomic.write_bytes(out, buffer.getvalue())
+    atomic.write_text(out.with_name(out.name + ".json"), json.dumps(provenance, indent=1) + "\n")
     return provenance

@@ -34,6 +34,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             foreground_value=args.foreground_value,
             progress=not args.quiet,
+            fold=args.fold,
+            describe=lambda line: print(line, flush=True),
         )
     except SegmentError as exc:
         print(f"simprop segment: error: {exc}", file=sys.stderr)
@@ -59,6 +61,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--class-id", type=int, default=None, help="class to take from VOC-style index masks")
     p.add_argument("--variant", default=None, help="fail unless the checkpoint is of this variant")
+    p.add_argument("--fold", type=int, default=None, help="fail unless the checkpoint was trained on this PASCAL-5i fold")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--foreground-value", type=int, default=255, help="mask value written for foreground (1..255)")

@@ -345,10 +345,9 @@ def support_use(record: dict) -> dict:
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically so a killed stage never leaves a half-written metrics file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    from simprop.atomic import write_text
+
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Path, count: int) -> list[dict]:

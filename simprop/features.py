@@ -69,7 +69,11 @@ def all_image_ids(params: Params, root: Path) -> list[str]:
 
 
 def build_feature_cache(params: Params, root: Path, device: torch.device, batch_size: int = 16) -> dict:
-    """Compute and store the cache (or a disabled manifest); returns the manifest."""
+    """Compute and store the cache (or a disabled manifest); returns the manifest.
+
+    Written into ``<features>.tmp`` and renamed into place when complete; on any failure the
+    temporary folder is removed and an existing cache is left as it was.
+    """
     out = cache_dir(params, root)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -80,39 +84,43 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
         "backbone_weights": params.model.backbone_weights,
         "backbone_seed": params.model.backbone_seed,
     }
-    if params.train.cache_backbone_features:
-        from simprop.model import build_model
-        from simprop.model.ica import apply_input_channel_averaging
+    try:
+        if params.train.cache_backbone_features:
+            from simprop.model import build_model
+            from simprop.model.ica import apply_input_channel_averaging
 
-        model = build_model("canet", params.model).to(device).eval()
-        ids = all_image_ids(params, root)
-        store = ImageStore(DataPaths(root / params.data.root), params.train.image_size, memoise=False)
-        with_gray = needs_gray(params)
-        color = gray = None
-        for start in tqdm(range(0, len(ids), batch_size), desc="backbone features", unit="batch"):
-            batch = torch.stack([store.image(i) for i in ids[start : start + batch_size]]).to(device)
-            feats = model.backbone_features(batch).cpu().numpy().astype(np.float16)
-            if color is None:
-                shape = (len(ids), *feats.shape[1:])
-                color = np.lib.format.open_memmap(tmp / "color.npy", mode="w+", dtype=np.float16, shape=shape)
-                if with_gray:
-                    gray = np.lib.format.open_memmap(tmp / "gray.npy", mode="w+", dtype=np.float16, shape=shape)
-            color[start : start + len(feats)] = feats
-            if gray is not None:
-                averaged = apply_input_channel_averaging(batch, p=1.0)
-                gray[start : start + len(feats)] = model.backbone_features(averaged).cpu().numpy().astype(np.float16)
-        for table in (color, gray):
-            if table is not None:
-                table.flush()
-        manifest.update(
-            images=ids,
-            feature_shape=list(color.shape[1:]) if color is not None else None,
-            backbone_checksum=model.backbone.checksum(),
-            gray=with_gray,
-        )
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+            model = build_model("canet", params.model).to(device).eval()
+            ids = all_image_ids(params, root)
+            store = ImageStore(DataPaths(root / params.data.root), params.train.image_size, memoise=False)
+            with_gray = needs_gray(params)
+            color = gray = None
+            for start in tqdm(range(0, len(ids), batch_size), desc="backbone features", unit="batch"):
+                batch = torch.stack([store.image(i) for i in ids[start : start + batch_size]]).to(device)
+                feats = model.backbone_features(batch).cpu().numpy().astype(np.float16)
+                if color is None:
+                    shape = (len(ids), *feats.shape[1:])
+                    color = np.lib.format.open_memmap(tmp / "color.npy", mode="w+", dtype=np.float16, shape=shape)
+                    if with_gray:
+                        gray = np.lib.format.open_memmap(tmp / "gray.npy", mode="w+", dtype=np.float16, shape=shape)
+                color[start : start + len(feats)] = feats
+                if gray is not None:
+                    averaged = apply_input_channel_averaging(batch, p=1.0)
+                    gray[start : start + len(feats)] = model.backbone_features(averaged).cpu().numpy().astype(np.float16)
+            for table in (color, gray):
+                if table is not None:
+                    table.flush()
+            manifest.update(
+                images=ids,
+                feature_shape=list(color.shape[1:]) if color is not None else None,
+                backbone_checksum=model.backbone.checksum(),
+                gray=with_gray,
+            )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:  # an unreadable image, Ctrl-C, SIGTERM: no half-written cache left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return manifest
 
 

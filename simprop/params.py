@@ -13,6 +13,9 @@ Field types drive the checks; extra rules live in each class' ``validate``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +26,12 @@ import yaml
 
 VARIANTS = ("canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet")
 FOLDS = (0, 1, 2, 3)
+
+REPO_PATHS = ("data.root", "backbone.path")
+"""Keys naming where a stage *writes*: relative paths inside the repository (DVC tracks only
+outputs inside it, and refuses an outside one only after the stage wrote there).  Read-only file
+inputs may live anywhere: ``model.backbone_weights``, ``backbone.source`` (a weights file) and
+``analysis.supervised_weights`` are not checked; neither is ``tracking.tracking_uri``."""
 
 
 class ParamsError(ValueError):
@@ -66,6 +75,9 @@ class DataParams:
     train_noval_url: str = "http://home.bharathh.info/pubs/codes/SBD/train_noval.txt"
     train_noval_md5: str = "79bff800c5f0b1ec6b21080a3c066722"
     workers: int = 0  # 0 = all cores of the machine
+    # a download attempt that receives less than 64 KiB in this many seconds is abandoned
+    # (retried, resuming, then given up on with an error)
+    stall_timeout_s: float = 60.0
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
 
     def validate(self, key: str) -> None:
@@ -75,6 +87,7 @@ class DataParams:
                 raise ParamsError(f"{key}.{name}: expected a 32-digit hex md5, got {value!r}")
         if self.workers < 0:
             raise ParamsError(f"{key}.workers: must be >= 0 (0 = all cores), got {self.workers}")
+        _positive(self, key, "stall_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -427,16 +440,41 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
             # YAML 1.1 reads "5e-4" (no dot) as a string; accept it explicitly
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+                else:
+                    return _finite(number, key, source)
             raise ParamsError(f"{source}: {key} must be a number, got {value!r}")
-        return float(value)
+        return _finite(float(value), key, source)
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{source}: {key} must be a string, got {value!r}")
+        if key in REPO_PATHS:
+            _inside_repository(value, key, source)
         return value
     raise TypeError(f"unsupported schema type {tp!r} for {key}")  # a bug in this module
+
+
+def _finite(value: float, key: str, source: str) -> float:
+    """Reject ``.nan`` / ``.inf`` (YAML) and ``"nan"`` / ``"inf"`` strings: no param means them."""
+    if not math.isfinite(value):
+        raise ParamsError(f"{source}: {key} must be a finite number, got {value!r}")
+    return value
+
+
+def _inside_repository(value: str, key: str, source: str) -> None:
+    """A path a stage writes to must stay inside the repository: relative, no escaping ``..``."""
+    if not value:
+        raise ParamsError(f"{source}: {key} must not be empty")
+    normal = posixpath.normpath(value.replace(os.sep, "/"))
+    if os.path.isabs(value) or value.startswith("~") or normal == ".." or normal.startswith("../"):
+        raise ParamsError(
+            f"{source}: {key} = {value!r} leaves the repository; a stage writes there and DVC tracks "
+            f"only outputs inside the repository: give a relative path inside it (e.g. "
+            f"{'data' if key == 'data.root' else 'models/backbone/resnet50.pt'}), or link a big disk "
+            f"into the repository"
+        )
 
 
 def _to_plain(obj: Any) -> Any:

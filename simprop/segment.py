@@ -21,9 +21,11 @@ mask is either a binary PNG (values {0, 255} or {0, 1}) or a VOC-style index PNG
 grey, class ids 0..20, 255 = void) together with ``class_id``: pixels equal to ``class_id`` are
 foreground and void pixels are ignored (treated as background, as in training).
 
-Every input is checked before anything is written: readable images and masks, each support mask
-the same size as its image and non-empty after class selection, distinct query names, and a
-checkpoint that loads (of the requested ``variant`` when one is given).  The outputs are first
+Every input is checked before anything is written, and before any query's pixels are decoded:
+an output folder that exists or can be created and written, a checkpoint that loads safely (of
+the requested ``variant`` and ``fold`` when given), readable supports with each mask the same
+size as its image and non-empty after class selection, distinct query names and readable query
+headers.  Queries are then decoded one batch at a time.  The outputs are first
 written into a hidden staging folder inside ``out_dir`` and moved into place only when every
 query has been segmented, so a failure (or Ctrl-C) half-way leaves ``out_dir`` as it was.
 
@@ -40,7 +42,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -177,9 +179,13 @@ def resolve_device(device: str = "auto"):
         raise SegmentError(f"{device!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
 
 
-def load_model(checkpoint: str | Path, device, variant: str | None = None):
-    """Load a checkpoint as ``(model in eval mode on device, meta)``; clear errors otherwise."""
-    from simprop.model import CheckpointError, load_checkpoint
+def load_model(checkpoint: str | Path, device, variant: str | None = None, fold: int | None = None):
+    """Load a checkpoint as ``(model in eval mode on device, meta)``; clear errors otherwise.
+
+    ``variant`` / ``fold``: when given, the checkpoint must have been trained as that variant on
+    that PASCAL-5i fold (its recorded identity, checked by :func:`simprop.model.load_checkpoint`).
+    """
+    from simprop.model import CheckpointError, CheckpointIdentity, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -187,7 +193,9 @@ def load_model(checkpoint: str | Path, device, variant: str | None = None):
             f"{checkpoint}: checkpoint not found; train one (dvc repro) or give the path to a best.pt"
         )
     try:
-        model, meta = load_checkpoint(checkpoint, map_location="cpu", variant=variant)
+        model, meta = load_checkpoint(
+            checkpoint, map_location="cpu", expected=CheckpointIdentity(variant=variant, fold=fold)
+        )
     except CheckpointError as exc:  # its message names the file and what to do
         raise SegmentError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - any other failure to load is one clear error too
@@ -199,6 +207,68 @@ def load_model(checkpoint: str | Path, device, variant: str | None = None):
         raise SegmentError(f"{checkpoint}: the checkpoint records no image_size; re-save it with the train stage")
     model.to(device).eval()
     return model, meta
+
+
+def describe_checkpoint(checkpoint: str | Path, variant: str, meta: dict) -> str:
+    """One line saying what the checkpoint was trained without: its fold's held-out classes."""
+    from simprop.model.checkpoint import held_out_classes
+
+    identity = meta.get("identity") or {}
+    fold = identity.get("fold")
+    if fold is None:
+        return (f"{checkpoint}: {variant}; it records no PASCAL-5i fold, so which classes its training "
+                "never saw is unknown")  # fmt: skip
+    protocol = f", {identity['protocol']} protocol" if identity.get("protocol") else ""
+    return (
+        f"{checkpoint}: {variant} trained on PASCAL-5i fold {fold}{protocol}; classes held out of its "
+        f"training (never seen, the ones it was tested on): {', '.join(held_out_classes(fold))}"
+    )
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` as a folder that exists or can be created and written, else :class:`SegmentError`.
+
+    Nothing is created here (inputs are checked before anything is written).
+    """
+    out = Path(out_dir)
+    try:
+        exists = out.exists() or out.is_symlink()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise SegmentError(f"--out {out}: impossible path ({exc.strerror or exc})") from None
+    if exists:
+        if not out.is_dir():
+            raise SegmentError(f"--out {out}: is an existing file, not a folder; give a folder (created if missing)")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SegmentError(f"--out {out}: the folder is not writable; give a folder you can write to")
+        return out
+    parent = out.absolute().parent
+    try:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    except OSError as exc:
+        raise SegmentError(f"--out {out}: impossible path ({exc.strerror or exc})") from None
+    if not parent.is_dir():
+        raise SegmentError(f"--out {out}: cannot be created because {parent} is a file, not a folder")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+        path_max = os.pathconf(parent, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = [part for part in out.parts if len(os.fsencode(part)) > name_max]
+    if long or len(os.fsencode(str(out.absolute()))) >= path_max:
+        raise SegmentError(f"--out {out}: impossible path (a name longer than {name_max} bytes or a path too long)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SegmentError(f"--out {out}: cannot be created because {parent} is not writable")
+    return out
+
+
+def check_query(path: Path) -> tuple[int, int]:
+    """Width and height from the query's header, without decoding its pixels."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SegmentError(f"{path}: cannot read the image ({exc}); give a JPEG or PNG file") from exc
 
 
 def to_tensor(image: np.ndarray, size: int):
@@ -277,19 +347,26 @@ def segment(
     batch_size: int = 4,
     foreground_value: int = 255,
     progress: bool = True,
+    fold: int | None = None,
+    describe: Callable[[str], object] | None = None,
 ) -> list[SegmentResult]:
     """Segment every query from the k ``supports`` with a trained checkpoint.
 
     ``supports``: (image path, mask path) pairs, k >= 1.  ``queries``: an image, a folder or a
-    list of either.  ``class_id``: the class to take from VOC-style index masks.  ``variant``:
-    when given, the checkpoint must be of that variant.  ``foreground_value``: the value written
-    for foreground pixels in ``<stem>_mask.png`` (1..255).  Returns one :class:`SegmentResult`
-    per query, in input order.  Raises :class:`SegmentError` for bad inputs before writing.
+    list of either.  ``class_id``: the class to take from VOC-style index masks.  ``variant`` /
+    ``fold``: when given, the checkpoint must have been trained as that variant on that fold.
+    ``foreground_value``: the value written for foreground pixels in ``<stem>_mask.png``
+    (1..255).  ``describe``: called with one line saying which classes the checkpoint's training
+    held out (its fold's test classes).  Returns one :class:`SegmentResult` per query, in input
+    order.  Raises :class:`SegmentError` for bad inputs before writing.
+
+    Order of the checks: the options and ``out_dir``, the checkpoint, the supports, then every
+    query's name and header; query pixels are decoded one batch at a time while segmenting.
     """
     import torch
     from tqdm import tqdm
 
-    # ---- validate everything before touching out_dir
+    # ---- validate everything before touching out_dir (and before decoding any query)
     if not supports:
         raise SegmentError("give at least one support (image, mask) pair")
     if batch_size < 1:
@@ -298,6 +375,12 @@ def segment(
         raise SegmentError(f"foreground_value must be in 1..255, got {foreground_value}")
     if class_id is not None and not 0 <= class_id < VOID:
         raise SegmentError(f"class_id must be in 0..254, got {class_id}")
+    out_dir = check_out_dir(out_dir)
+    torch_device = resolve_device(device)
+    model, meta = load_model(checkpoint, torch_device, variant, fold)
+    if describe is not None:
+        describe(describe_checkpoint(checkpoint, model.variant, meta))
+    size = int(meta["image_size"])
     support_pairs = []
     for pair in supports:
         if len(pair) != 2:
@@ -316,38 +399,47 @@ def segment(
                 f"{mask_path}: the support mask has no {which} pixels; mark the object in the mask"
                 + (" or pass the --class-id of an object it contains" if class_id is not None else "")
             )
-        support_pairs.append((image, mask))
-    query_paths = list_queries(queries)
-    query_images = [read_image(p) for p in query_paths]  # fails early on an unreadable query
-    torch_device = resolve_device(device)
-    model, meta = load_model(checkpoint, torch_device, variant)
-    size = int(meta["image_size"])
-
-    support_imgs = torch.stack([to_tensor(img, size) for img, _ in support_pairs]).to(torch_device)
-    support_masks = torch.stack([mask_to_tensor(m, size) for _, m in support_pairs]).to(torch_device)
+        support_pairs.append((to_tensor(image, size), mask_to_tensor(mask, size)))  # keep the small tensors only
+    support_imgs = torch.stack([img for img, _ in support_pairs]).to(torch_device)
+    support_masks = torch.stack([m for _, m in support_pairs]).to(torch_device)
+    del support_pairs
     if (support_masks.flatten(1).sum(1) == 0).any():
         raise SegmentError(
             f"a support object vanishes when its mask is resized to the model's {size}x{size} input; "
             "use a support with a larger object"
         )
+    query_paths = list_queries(queries)
+    for path in query_paths:  # readable headers; pixels are decoded batch by batch below
+        check_query(path)
+    for path in query_paths:
+        for kind in ("mask", "overlay"):
+            target = out_dir / f"{path.stem}_{kind}.png"
+            if target.is_dir():
+                raise SegmentError(f"{target}: a folder is in the way of an output file; move it or choose another --out")
 
     with torch.inference_mode():
         support_feats = model.backbone_features(support_imgs)
 
     # ---- segment into a staging folder, then move into place
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".simprop-segment-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".simprop-segment-", dir=out_dir))
+    except OSError as exc:
+        raise SegmentError(f"--out {out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
     results: list[SegmentResult] = []
     try:
         order = range(0, len(query_paths), batch_size)
         bar = tqdm(order, total=len(order), unit="batch", desc="segment", disable=not progress)
         for start in bar:
-            batch_imgs = query_images[start : start + batch_size]
+            batch_paths = query_paths[start : start + batch_size]
+            batch_imgs = [read_image(p) for p in batch_paths]  # only this batch is held decoded
             masks = predict_masks(model, support_feats, support_masks, batch_imgs, size, torch_device)
-            for path, image, mask in zip(query_paths[start : start + batch_size], batch_imgs, masks):
-                _save_png(mask.astype(np.uint8) * np.uint8(foreground_value), staging / f"{path.stem}_mask.png")
-                _save_png(overlay_image(image, mask), staging / f"{path.stem}_overlay.png")
+            for path, image, mask in zip(batch_paths, batch_imgs, masks):
+                try:
+                    _save_png(mask.astype(np.uint8) * np.uint8(foreground_value), staging / f"{path.stem}_mask.png")
+                    _save_png(overlay_image(image, mask), staging / f"{path.stem}_overlay.png")
+                except OSError as exc:
+                    raise SegmentError(f"--out {out_dir}: cannot write the outputs ({exc.strerror or exc})") from None
                 results.append(
                     SegmentResult(
                         query=path,
@@ -358,9 +450,13 @@ def segment(
                         foreground_fraction=float(mask.mean()),
                     )
                 )
-        for result in results:
-            os.replace(staging / result.mask.name, result.mask)
-            os.replace(staging / result.overlay.name, result.overlay)
+            del batch_imgs, masks
+        try:
+            for result in results:
+                os.replace(staging / result.mask.name, result.mask)
+                os.replace(staging / result.overlay.name, result.overlay)
+        except OSError as exc:
+            raise SegmentError(f"--out {out_dir}: cannot move the outputs into place ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return results

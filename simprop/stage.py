@@ -2,8 +2,10 @@
 
 A stage script is ``sys.exit(run_stage("train", body, argv))``: params are
 validated before ``body`` does any work, and an expected failure (bad params,
-missing or corrupt input, a diverged training) prints one clear line naming the
-file or key and exits with status 2 instead of a traceback.
+missing or corrupt input, a diverged training, an unusable MLflow store) prints one
+clear line naming the file or key and exits with status 2 instead of a traceback.
+Ctrl-C and SIGTERM end the stage with status 130 / 143 after its MLflow run was
+closed as KILLED.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from simprop.analysis.common import AnalysisError
     from simprop.datasets import DataError
     from simprop.model import BackboneWeightsError, CheckpointError
+    from simprop.tracking import TrackingError
     from simprop.training import TrainingDiverged
 
     return (
         ParamsError, DataError, CheckpointError, BackboneWeightsError, TrainingDiverged, AnalysisError,
-        FileNotFoundError,
+        TrackingError, FileNotFoundError,
     )  # fmt: skip
 
 
@@ -77,8 +80,14 @@ def _run_stage(name: str, body: Callable[[Params], int | None], params_path: str
     except ParamsError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    from simprop.tracking import StageTerminated
+
     try:
         return body(params) or 0
     except expected_errors() as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, StageTerminated) as exc:  # the stage's MLflow run is already KILLED
+        why = "interrupted (SIGINT)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"{name}: {why}; its MLflow run is marked KILLED and its temporary outputs removed", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum

@@ -18,6 +18,25 @@ unless the store is a tracking server (``http(s)://``), which then decides.  A r
 the original repo), so a store or artifact root derived from the cwd would vanish with it.
 :func:`find_repo_root` strips everything from ``.dvc/tmp/exps`` on.
 
+Parallel stages, one store
+--------------------------
+A new sqlite store is created (and an old one migrated) by MLflow on first use; two processes
+doing that at once (``dvc queue start --jobs 2`` on a fresh clone) corrupt it.  :func:`open_store`
+therefore opens the store and gets or creates the experiment under an exclusive ``fcntl.flock``
+on ``<store>.lock`` beside the sqlite file: the first process creates and migrates, the others
+wait for it and then find a ready store.  The experiment is created with the tag
+``mlflow.experimentKind=custom_model_development`` (set on an existing one that lacks it), so
+MLflow 3's UI opens it on the runs table rather than the GenAI overview.
+
+No dangling runs
+----------------
+A run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM, which
+:func:`stage_run` turns into :class:`StageTerminated`).  A process killed with SIGKILL cannot
+close its run; the next run of the same stage key (``stage_key`` tag: run name, DVC experiment
+and repository) closes every RUNNING run of that key whose process is gone as KILLED, tagged
+``replaced_by_run``; the new run is tagged ``replaces_run``.  A run whose process (``process``
+tag: host, pid and start time) is still alive is left alone.
+
 Runs are written through an explicit :class:`mlflow.MlflowClient`; this module sets no global
 MLflow state (no ``mlflow.set_tracking_uri``, no fluent active run).  Log through the
 :class:`StageRun` that :func:`stage_run` yields.  ``mlflow`` is imported lazily, so importing
@@ -27,11 +46,15 @@ this module is cheap, and ``MLFLOW_DISABLE_TELEMETRY`` defaults to ``true`` when
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import numbers
 import os
 import re
+import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -252,22 +275,212 @@ def stage_tags(
 # --------------------------------------------------------------------------- runs
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI then opens the runs table
+STORE_LOCK_TIMEOUT_S = 600.0
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be opened or used; the message names it and what to do."""
+
+
+class StageTerminated(BaseException):
+    """SIGTERM arrived while a stage run was open (raised so the run is closed as KILLED)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (``None`` for other stores and in-memory sqlite)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///") :].split("?", 1)[0]
+    if not rest or rest.startswith(":memory:"):
+        return None
+    return Path(rest)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, timeout: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<db>.lock`` beside a sqlite store (no-op for other stores).
+
+    Held while a process creates or migrates the store and gets or creates its experiment, so
+    parallel stages (``dvc queue start --jobs N``) never race MLflow's schema migration.  The
+    lock is released when the process dies, so a killed holder never blocks the others.
+    """
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    lock = db.with_name(db.name + ".lock")
+    with open(lock, "a+b") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TrackingError(
+                        f"{lock}: another process has held the MLflow store lock for {timeout:.0f} s; "
+                        "is a stage hanging? Stop it, or delete the lock file if no stage runs"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def open_store(uri: str, experiment: str, artifact_location: str | None) -> tuple["MlflowClient", str]:
+    """``(client, experiment id)``: the store created or migrated once, safely, under
+    :func:`store_lock`, and experiment ``experiment`` there (see :func:`get_or_create_experiment`)."""
+    mlflow = _mlflow()
+    db = sqlite_path(uri)
+    with store_lock(uri):
+        try:
+            client = mlflow.MlflowClient(tracking_uri=uri)
+            experiment_id = get_or_create_experiment(client, experiment, artifact_location)
+        except Exception as exc:  # noqa: BLE001 - a broken store is one clear error, not a traceback
+            where = db if db is not None else uri
+            raise TrackingError(
+                f"cannot open the MLflow store {where} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). "
+                + (f"If it was damaged (e.g. by parallel runs of an older simprop), move {db} aside: the "
+                   "next stage creates a fresh store." if db is not None else "Check tracking.tracking_uri / MLFLOW_TRACKING_URI.")
+            ) from exc  # fmt: skip
+    return client, experiment_id
+
+
 def get_or_create_experiment(client: "MlflowClient", name: str, artifact_location: str | None) -> str:
-    """Id of experiment ``name``; created with ``artifact_location`` when missing, restored when
-    deleted.  Safe against a parallel creator (a ``dvc queue`` worker beside us)."""
+    """Id of experiment ``name``; created with ``artifact_location`` and the
+    ``mlflow.experimentKind=custom_model_development`` tag when missing (the tag is added to an
+    existing experiment that lacks it), restored when deleted.  Safe against a parallel creator
+    (a ``dvc queue`` worker beside us, e.g. on a tracking server)."""
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
+
+
+# --------------------------------------------------------------------------- dangling runs
+
+
+def _process_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or ``""``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 (starttime), after the command name
+
+
+def process_token(pid: int | None = None) -> str:
+    """``host:pid:start``: names this process so that a later run can tell whether it still lives."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def process_alive(token: str) -> bool:
+    """Whether the process a :func:`process_token` names still runs (on another host: assume so)."""
+    try:
+        host, pid_text, start = token.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True  # cannot tell; never close another machine's run
+    if start:
+        return _process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stage_key(name: str, repo_root: Path) -> str:
+    """What makes two runs "the same stage": run name, DVC experiment, repository."""
+    return f"{name}|{os.environ.get('DVC_EXP_NAME') or 'workspace'}|{repo_root}"
+
+
+def close_dangling_runs(client: "MlflowClient", experiment_id: str, key: str, replaced_by: str) -> list[str]:
+    """Close as KILLED every RUNNING run of stage key ``key`` whose process is gone.
+
+    Each gets the tags ``replaced_by_run`` (``replaced_by``) and ``killed_reason``; returns their ids.
+    """
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    closed = []
+    for run in runs:
+        if run.data.tags.get("stage_key") != key or run.info.run_id == replaced_by:
+            continue
+        if process_alive(run.data.tags.get("process", "")):
+            continue
+        client.set_tag(run.info.run_id, "replaced_by_run", replaced_by)
+        client.set_tag(
+            run.info.run_id, "killed_reason",
+            "its process ended without closing the run (SIGKILL, power loss); found RUNNING when the stage started again",
+        )  # fmt: skip
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+_previous_sigterm: list = []  # the handler to give back; non-empty while a stage run holds SIGTERM
+
+
+def _child_gets_previous_sigterm() -> None:
+    """In a process forked while a stage run holds SIGTERM (data workers): the handler as it was."""
+    if _previous_sigterm:
+        signal.signal(signal.SIGTERM, _previous_sigterm[-1])
+        _previous_sigterm.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_child_gets_previous_sigterm)
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """While open: SIGTERM raises :class:`StageTerminated` in this (main) thread, so the run is
+    closed as KILLED; SIGINT already raises ``KeyboardInterrupt``.  Processes forked meanwhile
+    (data workers) get the previous handler back at once, so they die of SIGTERM as before."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a child that somehow kept this handler: behave as before
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StageTerminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    _previous_sigterm.append(previous)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _previous_sigterm.pop()
 
 
 class StageRun:
@@ -363,28 +576,35 @@ def stage_run(
     (created with its artifact location under the original repo root), tagged per the tracking
     contract (:func:`stage_tags`) and given every flattened param (``params.flat()``); the
     composed params are also stored as the artifact ``params.yaml``.  An exception propagates
-    after the run is marked FAILED (KILLED for Ctrl-C) with its message in the ``error`` tag.
+    after the run is marked FAILED (KILLED for Ctrl-C and SIGTERM, which raises
+    :class:`StageTerminated` while the run is open) with its message in the ``error`` tag.  The
+    store is opened by :func:`open_store` (safe for parallel stages); a RUNNING run of the same
+    stage key whose process is gone is closed as KILLED (:func:`close_dangling_runs`).
     """
-    mlflow = _mlflow()
     from simprop.params import dump_yaml
 
+    root = find_repo_root(repo_root)
     uri, artifacts = resolve_tracking(repo_root, params.tracking.tracking_uri, params.tracking.experiment)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(client, params.tracking.experiment, artifacts)
-    tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
-    info = client.create_run(experiment_id, run_name=run_name(stage, variant, fold, shots), tags=tags).info
-    run = StageRun(client, info.run_id, experiment_id, uri)
-    try:
-        run.log_params(params.flat())
-        run.log_text(dump_yaml(params), "params.yaml")
-        yield run
-    except BaseException as exc:
-        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
-        with contextlib.suppress(Exception):
-            client.set_tag(run.run_id, "error", f"{type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE])
-        client.set_terminated(run.run_id, status=status)
-        raise
-    client.set_terminated(run.run_id, status="FINISHED")
-
+    with _terminate_as_exception():
+        client, experiment_id = open_store(uri, params.tracking.experiment, artifacts)
+        name = run_name(stage, variant, fold, shots)
+        key = stage_key(name, root)
+        tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
+        tags.update({"stage_key": key[:_MAX_TAG_VALUE], "process": process_token()})
+        info = client.create_run(experiment_id, run_name=name, tags=tags).info
+        run = StageRun(client, info.run_id, experiment_id, uri)
+        try:
+            replaced = close_dangling_runs(client, experiment_id, key, run.run_id)
+            if replaced:
+                run.set_tags({"replaces_run": ",".join(replaced)})
+            run.log_params(params.flat())
+            run.log_text(dump_yaml(params), "params.yaml")
+            yield run
+        except BaseException as exc:
+            status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StageTerminated)) else "FAILED"
+            with contextlib.suppress(Exception):
+                client.set_tag(run.run_id, "error", f"{type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE])
+            with contextlib.suppress(Exception):
+                client.set_terminated(run.run_id, status=status)
+            raise
+        client.set_terminated(run.run_id, status="FINISHED")

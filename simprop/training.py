@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +48,13 @@ from simprop.evaluation import EpisodeRunner, resolve_device, write_json
 from simprop.features import FeatureCache, open_feature_cache
 from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model, dual_prediction_loss, save_checkpoint
+from simprop.model.checkpoint import (
+    CheckpointIdentity,
+    CorruptCheckpointError,
+    load_training_state,
+    save_training_state,
+    splits_digest,
+)
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
 from simprop.params import Params, ParamsError
 from simprop.precision import amp_warning, autocast, needs_grad_scaler
@@ -171,23 +176,13 @@ def _dropout_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.default_rng([seed, epoch, 2**31 + rank]).integers(0, 2**62))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)  # replaces (never writes through) DVC's hard-linked cache files
-
-
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    from simprop.atomic import replace_on_success
+
+    with replace_on_success(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 class IOMHistory:
@@ -286,6 +281,11 @@ class Trainer:
                 "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
             },
         )
+        # What best.pt / last.pt record they were trained as (checked by every loader)
+        self.identity = CheckpointIdentity(
+            variant=variant, fold=fold, protocol=params.splits.protocol,
+            backbone_sha256=backbone_sha256, splits_sha256=splits_digest(self.data.root, fold),
+        )  # fmt: skip
         warning = amp_warning(self.device, tp.amp)
         if warning and self.dist.is_main:
             print(f"warning: {warning}")
@@ -303,42 +303,53 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _resume(self) -> tuple[int, dict]:
-        """The next epoch to run and the history so far (fresh start if nothing matches)."""
-        history = {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
+        """The next epoch to run and the history so far (fresh start if nothing matches).
+
+        ``last.pt`` is read by :func:`simprop.model.checkpoint.load_training_state` (weights only,
+        never arbitrary pickled objects): an unsafe file or one of another variant or fold stops
+        the stage with a clear error; a truncated one, an older format or another training
+        fingerprint (params, data, backbone or code changed) starts from scratch.
+        """
+        fresh = {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
         if not self.paths.last.is_file():
-            return 0, history
+            return 0, fresh
         try:
-            state = torch.load(self.paths.last, map_location=self.device, weights_only=False)
-        except Exception as exc:  # a torn file from a kill during the (atomic) replace is impossible,
-            print(f"ignoring unreadable {self.paths.last} ({exc}); starting from scratch")  # but be safe
-            return 0, history
+            state = load_training_state(self.paths.last, CheckpointIdentity(variant=self.variant, fold=self.fold))
+        except CorruptCheckpointError as exc:  # a torn file from a kill during the (atomic) replace is
+            print(f"ignoring unreadable {self.paths.last} ({exc}); starting from scratch")  # impossible, but be safe
+            return 0, fresh
+        if state is None:
+            print(f"{self.paths.last} is not a training state of this simprop version; starting from scratch")
+            return 0, fresh
         if state.get("fingerprint") != self.fingerprint:
             print(f"{self.paths.last} was trained with other params, data, backbone or code; starting from scratch")
-            return 0, history
+            return 0, fresh
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         if unexpected or any(not k.startswith("backbone.") for k in missing):
             print(f"{self.paths.last} does not fit this network; starting from scratch")
-            return 0, {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
+            return 0, fresh
         self.optimizer.load_state_dict(state["optimizer"])
         if self.iom is not None and state.get("iom_history") is not None:
             self.iom.load_state_dict(state["iom_history"])
         history = state["history"]
+        history["loss"] = [tuple(r) for r in history["loss"]]
+        history["val"] = [tuple(r) for r in history["val"]]
         history["resumed_from"] = state["epoch"] + 2  # 1-based number of the first epoch run now
         print(f"resuming {self.variant} fold {self.fold} after completed epoch {state['epoch'] + 1}")
+        if self.tracker is not None:  # link the MLflow run to the run whose last.pt it continues
+            self.tracker.set_tags({
+                "resumed_from_run": state.get("run_id") or "unknown",
+                "resumed_from_epoch": history["resumed_from"],
+            })  # fmt: skip
         return state["epoch"] + 1, history
 
     def _save_last(self, epoch: int, history: dict) -> None:
-        _atomic_torch_save(
-            {
-                "epoch": epoch,
-                "fingerprint": self.fingerprint,
-                "model": self.model.trainable_state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "history": history,
-                "iom_history": self.iom.state_dict() if self.iom is not None else None,
-            },
-            self.paths.last,
-        )
+        save_training_state(
+            self.paths.last, identity=self.identity, fingerprint=self.fingerprint, epoch=epoch,
+            model_state=self.model.trainable_state_dict(), optimizer_state=self.optimizer.state_dict(),
+            history=history, run_id=self.tracker.run_id if self.tracker is not None else None,
+            iom_history=self.iom.state_dict() if self.iom is not None else None,
+        )  # fmt: skip
         state = {
             "variant": self.variant,
             "fold": self.fold,
@@ -471,7 +482,7 @@ class Trainer:
                     if val > history["best_val_miou"]:
                         history["best_val_miou"], history["best_epoch"] = val, epoch + 1
                         save_checkpoint(
-                            self.paths.best, self.model, epoch=epoch + 1, val_miou=val,
+                            self.paths.best, self.model, identity=self.identity, epoch=epoch + 1, val_miou=val,
                             image_size=tp.image_size, fold=self.fold, fingerprint=self.fingerprint,
                         )  # fmt: skip
                 if self.tracker is not None:

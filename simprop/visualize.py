@@ -74,12 +74,12 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     and close it.  No "Software" metadata, so the same figure gives the same bytes."""
     import matplotlib.pyplot as plt
 
+    from simprop.atomic import replace_on_success
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     try:
-        fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
+        with replace_on_success(path, suffix=".tmp" + path.suffix) as tmp:  # savefig needs the suffix
+            fig.savefig(tmp, dpi=dpi, metadata={"Software": None})
     finally:
         plt.close(fig)
-    tmp.replace(path)
     return path

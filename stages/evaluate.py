@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from simprop.evaluation import evaluate_model, qualitative_rows, resolve_device, write_json
         from simprop.features import open_feature_cache
-        from simprop.model import build_model, load_checkpoint
+        from simprop.model import build_model, expected_identity, load_checkpoint
         from simprop.tracking import stage_run
         from simprop.training import TrainPaths
         from simprop.visualize import save_qualitative
@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(".")
         device = resolve_device(params.evaluate.device)
         paths = TrainPaths(root, args.variant, args.fold)
-        model, meta = load_checkpoint(paths.best, map_location=device, expected_variant=args.variant)
         untrained = build_model(args.variant, params.model, init_seed=params.train.seed).to(device).eval()
+        # the checkpoint must be this stage's: variant, fold, protocol, backbone and fold lists
+        # (not the training code's digest: see simprop/model/checkpoint.py)
+        expected = expected_identity(params, args.variant, args.fold, root, untrained.backbone.checksum())
+        model, meta = load_checkpoint(paths.best, map_location=device, expected=expected)
         cache = open_feature_cache(params, root, params.evaluate.image_size, model.backbone.checksum())
         out = root / "metrics" / "evaluate" / f"{args.variant}_fold{args.fold}.json"
         figure = root / "outputs" / "evaluate" / f"{args.variant}_fold{args.fold}" / "qualitative.png"

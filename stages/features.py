@@ -1,37 +1,43 @@
 """DVC stage `features`: compute the frozen backbone features of every image once.
 
-Writes `<data.root>/features/` (memory-mapped .npy arrays and a manifest). When
-`train.cache_backbone_features` is false (training with augmentation, the paper
-setup) it writes only a manifest saying the cache is disabled.
+Writes `<data.root>/features/` (memory-mapped .npy arrays and a manifest) through
+`<data.root>/features.tmp`, removed on any failure. When `train.cache_backbone_features`
+is false (training with augmentation, the paper setup) it writes only a manifest saying
+the cache is disabled.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-from simprop.evaluation import resolve_device
-from simprop.features import build_feature_cache
-from simprop.params import ParamsError, load_params
-from simprop.tracking import stage_run
+from simprop.params import Params
+from simprop.stage import run_stage
 
 
-def main() -> int:
-    try:
-        params = load_params("params.yaml")
-    except ParamsError as exc:
-        print(f"features: {exc}", file=sys.stderr)
-        return 2
-    with stage_run("features", params) as run:
-        manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))
-        run.set_tags({"cache_enabled": manifest["enabled"], "image_size": manifest["image_size"]})
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    def body(params: Params) -> int:
+        from simprop.evaluation import resolve_device
+        from simprop.features import build_feature_cache
+        from simprop.tracking import stage_run
+
+        with stage_run("features", params) as run:
+            manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))
+            run.set_tags({"cache_enabled": manifest["enabled"], "image_size": manifest["image_size"]})
+            if manifest["enabled"]:
+                run.log_metrics({"images": len(manifest["images"])})
         if manifest["enabled"]:
-            run.log_metrics({"images": len(manifest["images"])})
-    if manifest["enabled"]:
-        print(f"cached backbone features of {len(manifest['images'])} images, shape {manifest['feature_shape']}")
-    else:
-        print("feature cache disabled (train.cache_backbone_features: false)")
-    return 0
+            print(f"features: cached backbone features of {len(manifest['images'])} images, shape {manifest['feature_shape']}")
+        else:
+            print("features: feature cache disabled (train.cache_backbone_features: false)")
+        return 0
+
+    return run_stage("features", body, args.params)
 
 
 if __name__ == "__main__":

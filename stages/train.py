@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                 run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
                 run.log_artifact(trainer.paths.best, "checkpoint")
                 run.log_artifact(trainer.paths.metrics)
-                run.log_artifact(trainer.paths.loss_curve, "curves")
-                run.log_artifact(trainer.paths.val_curve, "curves")
+                # one folder per curve: both files are named <variant>_fold<i>.csv
+                run.log_artifact(trainer.paths.loss_curve, "curves/loss")
+                run.log_artifact(trainer.paths.val_curve, "curves/val")
         finally:
             destroy(ctx)
         print(

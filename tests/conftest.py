@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,13 +96,20 @@ class FileServer:
 
     ``range_support``: honour ``Range: bytes=N-`` with 206 (else always 200 with the whole file).
     ``interrupt_after``: the next response is cut after that many bytes and the connection
-    closed (once). ``requests`` records ``(path, Range header)``; ``bytes_sent`` counts body bytes.
+    closed (once). ``trickle_interval``: every response sends its headers, waits
+    ``trickle_delay`` seconds, then one body byte every ``trickle_interval`` seconds - for at most
+    ``trickle_limit`` seconds in all, then closes the connection (a stalling server, bounded in
+    time so that a client without a deadline fails the test instead of hanging it).
+    ``requests`` records ``(path, Range header)``; ``bytes_sent`` counts body bytes.
     """
 
     def __init__(self, files: dict[str, bytes], range_support: bool = True) -> None:
         self.files = dict(files)
         self.range_support = range_support
         self.interrupt_after: int | None = None
+        self.trickle_interval: float | None = None
+        self.trickle_delay = 0.0
+        self.trickle_limit = 5.0
         self.requests: list[tuple[str, str | None]] = []
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -160,6 +168,9 @@ class FileServer:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
+                if server.trickle_interval is not None:
+                    self._trickle(body)
+                    return
                 if cut is not None:
                     body = body[:cut]
                     self.close_connection = True
@@ -167,6 +178,22 @@ class FileServer:
                     server.bytes_sent += len(body)  # assert) before this thread runs again
                 self.wfile.write(body)
                 self.wfile.flush()
+
+            def _trickle(self, body: bytes) -> None:
+                self.close_connection = True
+                deadline = time.monotonic() + server.trickle_limit
+                time.sleep(min(server.trickle_delay, server.trickle_limit))
+                try:
+                    for i in range(len(body)):
+                        if time.monotonic() >= deadline:
+                            break
+                        self.wfile.write(body[i : i + 1])
+                        self.wfile.flush()
+                        with server._lock:
+                            server.bytes_sent += 1
+                        time.sleep(server.trickle_interval)
+                except OSError:  # the client gave up and closed the connection
+                    pass
 
         return Handler
 

@@ -115,7 +115,7 @@ def _write_tree(root: Path) -> None:
     labels = root / "data" / "SegmentationClassAug"
     images.mkdir(parents=True)
     labels.mkdir(parents=True)
-    pairs = {"train": [], "test": []}
+    pairs = {"train": [], "val": [], "test": []}  # val: no validation pairs needed here
     for cls in (1, 2, 6, 7):
         for k in range(4):
             image_id = f"img_c{cls}_{k}"
@@ -147,7 +147,7 @@ def _write_tree(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from simprop.model import build_model, save_checkpoint
+    from simprop.model import build_model, expected_identity, save_checkpoint
     from simprop.params import ModelParams
 
     root = tmp_path_factory.mktemp("repo")
@@ -162,7 +162,9 @@ def repo(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     torch.manual_seed(0)
     model = build_model("simpropnet", ModelParams(**raw["model"]))
-    save_checkpoint(root / "models" / "simpropnet" / "fold0" / "best.pt", model, epoch=0, image_size=IMAGE_SIZE)
+    identity = expected_identity(params_from_dict(raw), "simpropnet", 0, root)  # what training records
+    save_checkpoint(root / "models" / "simpropnet" / "fold0" / "best.pt", model, identity=identity, epoch=0,
+                    image_size=IMAGE_SIZE)  # fmt: skip
     return root
 
 

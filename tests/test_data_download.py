@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import io
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -190,18 +191,23 @@ def unsafe_archive(path: Path, kind: str) -> Path:
         ok.size = 2
         tar.addfile(ok, io.BytesIO(b"ok"))
         bad = tarfile.TarInfo({"absolute": "/tmp/simprop-evil.txt", "dotdot": "dataset/../../evil.txt",
-                               "symlink": "dataset/link", "hardlink": "dataset/hard"}[kind])  # fmt: skip
+                               "symlink": "dataset/link", "hardlink": "dataset/hard", "device": "dataset/dev",
+                               "fifo": "dataset/fifo"}[kind])  # fmt: skip
         if kind == "symlink":
             bad.type, bad.linkname = tarfile.SYMTYPE, "../../outside"
         elif kind == "hardlink":
             bad.type, bad.linkname = tarfile.LNKTYPE, "../outside.txt"
+        elif kind == "device":
+            bad.type, bad.devmajor, bad.devminor = tarfile.CHRTYPE, 1, 3
+        elif kind == "fifo":
+            bad.type = tarfile.FIFOTYPE
         else:
             bad.size = 4
         tar.addfile(bad, io.BytesIO(b"evil") if bad.isfile() else None)
     return path
 
 
-@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink"])
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "hardlink", "device", "fifo"])
 def test_unsafe_archive_member_is_rejected(tmp_path, kind):
     archive = unsafe_archive(tmp_path / "evil.tar", kind)
     target = tmp_path / "work" / "raw"
@@ -234,3 +240,76 @@ def test_install_tree_replaces_only_on_success(tmp_path):
     install_tree(target, lambda tmp: (tmp / "v3").write_text("3"))
     assert sorted(p.name for p in target.iterdir()) == ["v3"]
     assert not list(tmp_path.glob("raw.tmp-*"))
+
+
+# ---------------------------------------------------------------------------- stalls and set-aside files
+
+
+def test_a_trickling_server_is_given_up_on_in_bounded_time(tmp_path, serve_files, archives):
+    """A server that sends a byte now and then never times a socket read out; the download
+    gives each attempt data.stall_timeout_s to make progress, retries (resuming), then fails
+    with a message that says what is kept."""
+    data = archives["benchmark.tgz"]
+    server = serve_files({"benchmark.tgz": data})
+    server.trickle_interval, server.trickle_limit = 0.1, 8.0
+    dest = tmp_path / "benchmark.tgz"
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        fetch(server.url("benchmark.tgz"), dest, md5(data), key="sbd", retries=1, timeout=1.0,
+              stall_timeout=1.0, progress=False, backoff=0)  # fmt: skip
+    assert time.monotonic() - started < 5.0, "the stall deadline must end the download"
+    message = str(info.value)
+    part = dest.with_name("benchmark.tgz.part")
+    assert "stalled" in message and "data.stall_timeout_s" in message and "after 2 attempts" in message
+    kept = part.stat().st_size
+    assert 0 < kept < len(data) and f"{kept} bytes are kept in {part}" in message
+    assert [r for _, r in server.requests][1].startswith("bytes="), "the retry resumes"
+    assert not dest.exists()
+
+
+def test_a_silent_server_is_given_up_on_without_mentioning_a_part_file(tmp_path, serve_files, archives):
+    data = archives["train_noval.txt"]
+    server = serve_files({"list.txt": data})
+    server.trickle_interval, server.trickle_delay, server.trickle_limit = 0.1, 8.0, 8.0  # headers, then nothing
+    dest = tmp_path / "list.txt"
+    started = time.monotonic()
+    with pytest.raises(DownloadError) as info:
+        fetch(server.url("list.txt"), dest, md5(data), key="train_noval", retries=1, timeout=60.0,
+              stall_timeout=0.5, progress=False, backoff=0)  # fmt: skip
+    assert time.monotonic() - started < 5.0
+    message = str(info.value)
+    assert "nothing was received" in message and ".part" not in message
+    assert not dest.with_name("list.txt.part").exists()
+
+
+def test_a_file_set_aside_for_a_wrong_md5_is_reused_once_the_md5_is_fixed(tmp_path, serve_files, archives):
+    data = archives["train_noval.txt"]
+    server = serve_files({"list.txt": data})
+    dest = tmp_path / "list.txt"
+    aside = tmp_path / "list.txt.md5-mismatch"
+    with pytest.raises(ChecksumError, match="checks that file against the corrected md5"):
+        fetch(server.url("list.txt"), dest, "0" * 32, key="train_noval", progress=False, backoff=0)
+    assert aside.read_bytes() == data
+    requests = len(server.requests)
+
+    assert fetch(server.url("list.txt"), dest, md5(data), key="train_noval", progress=False, backoff=0) == dest
+    assert dest.read_bytes() == data and not aside.exists()
+    assert len(server.requests) == requests, "the corrected md5 matched the file set aside: no download"
+
+    # a file set aside that does not match the corrected md5 either stays for inspection
+    dest.unlink()
+    aside.write_bytes(b"something else")
+    fetch(server.url("list.txt"), dest, md5(data), key="train_noval", progress=False, backoff=0)
+    assert dest.read_bytes() == data and aside.read_bytes() == b"something else"
+    assert len(server.requests) == requests + 1
+
+
+def test_the_stage_uses_the_stall_timeout_param(tmp_path, serve_files, archives):
+    server = serve_files(served(archives))
+    server.trickle_interval, server.trickle_limit = 0.05, 8.0
+    layout = DataLayout(tmp_path / "data")
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=r"data\.stall_timeout_s = 0\.3"):
+        prepare_voc(layout, data_params(server, archives, stall_timeout_s=0.3), progress=False, backoff=0)
+    assert time.monotonic() - started < 6.0
+    assert not layout.raw.exists()

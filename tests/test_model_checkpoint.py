@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import socket
 import urllib.error
 from pathlib import Path
@@ -196,7 +198,7 @@ def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(CheckpointError, match=r"foreign\.pt is not a simprop checkpoint"):
         load_checkpoint(foreign)
 
-    with pytest.raises(CheckpointError, match=r"holds a 'dpr' model, expected 'fbaf'"):
+    with pytest.raises(CheckpointError, match=r"holds a 'dpr' model, expected a 'fbaf' model: variant 'dpr' != expected 'fbaf'"):
         load_checkpoint(path, variant="fbaf")
     with pytest.raises(CheckpointError, match="expected 'canet'"):
         load_checkpoint(path, expected_variant="canet")
@@ -206,3 +208,117 @@ def test_checkpoint_errors_are_clear(tmp_path):
     torch.save(payload, tmp_path / "other_backbone.pt")
     with pytest.raises(CheckpointError, match=r"other_backbone\.pt: the backbone .* differs"):
         load_checkpoint(tmp_path / "other_backbone.pt")
+
+
+# --------------------------------------------------------------------------- identity and safe loading
+
+from simprop.model import CheckpointIdentity, UnsafeCheckpointError  # noqa: E402
+from simprop.model.checkpoint import load_training_state, save_training_state, splits_digest  # noqa: E402
+
+IDENTITY = CheckpointIdentity(variant="canet", fold=1, protocol="oslsm", backbone_sha256="ab" * 32, splits_sha256="cd" * 32)
+
+
+def test_a_checkpoint_of_another_fold_names_the_file_what_it_holds_and_what_was_expected(tmp_path):
+    model = _small_model("canet")
+    path = save_checkpoint(tmp_path / "fold0" / "best.pt", model, identity=IDENTITY, epoch=1, image_size=33)
+    _, meta = load_checkpoint(path, expected=IDENTITY)
+    assert meta["identity"] == IDENTITY.to_dict()
+    expected = dataclasses.replace(IDENTITY, fold=0)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, expected=expected)
+    message = str(info.value)
+    assert str(path) in message
+    assert "holds a 'canet' model of fold 1 (protocol oslsm" in message
+    assert "expected a 'canet' model of fold 0" in message
+    assert "1 aeroplane" in message  # fold 0's test classes, seen by a fold-1 model in training
+    assert "dvc repro train@canet-0" in message
+
+
+@pytest.mark.parametrize(
+    "field, value, phrase",
+    [
+        ("protocol", "pfenet", "protocol 'oslsm' != expected 'pfenet'"),
+        ("backbone_sha256", "ef" * 32, "frozen backbone 'abababababab' != expected 'efefefefefef'"),
+        ("splits_sha256", "01" * 32, "fold's split lists"),
+        ("variant", "dpr", "variant 'canet' != expected 'dpr'"),
+    ],
+)
+def test_every_part_of_the_identity_is_checked(tmp_path, field, value, phrase):
+    path = save_checkpoint(tmp_path / "best.pt", _small_model("canet"), identity=IDENTITY, image_size=33)
+    with pytest.raises(CheckpointError, match=re.escape(phrase)):
+        load_checkpoint(path, expected=dataclasses.replace(IDENTITY, **{field: value}))
+
+
+def test_a_checkpoint_without_identity_cannot_pass_for_a_fold(tmp_path):
+    path = save_checkpoint(tmp_path / "best.pt", _small_model("canet"), image_size=33)
+    load_checkpoint(path, variant="canet")  # the variant is always recorded
+    with pytest.raises(CheckpointError, match=r"best\.pt records no training identity"):
+        load_checkpoint(path, expected=CheckpointIdentity(variant="canet", fold=0))
+
+
+def test_splits_digest_covers_the_lists_training_read(tmp_path):
+    fold = tmp_path / "data" / "splits" / "fold2"
+    fold.mkdir(parents=True)
+    (fold / "train.csv").write_text("image,class\na,6\n")
+    (fold / "val.csv").write_text("image,class\nb,11\n")
+    (fold / "test.csv").write_text("image,class\nc,11\n")
+    first = splits_digest(tmp_path / "data", 2)
+    (fold / "test.csv").write_text("image,class\nd,12\n")  # never read by training
+    assert splits_digest(tmp_path / "data", 2) == first
+    (fold / "val.csv").write_text("image,class\nb,11\nc,12\n")
+    assert splits_digest(tmp_path / "data", 2) != first
+    with pytest.raises(CheckpointError, match=r"fold3/train\.csv: cannot read .* `dvc repro splits`"):
+        splits_digest(tmp_path / "data", 3)
+
+
+class _RunsCode:
+    """A pickle that, when unpickled without ``weights_only``, creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name", ["best.pt", "last.pt"])
+def test_a_crafted_pickle_is_refused_and_nothing_in_it_runs(tmp_path, name):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "models" / "canet" / "fold0" / name
+    path.parent.mkdir(parents=True)
+    real = _small_model("canet")
+    torch.save({"format": "simprop-checkpoint", "state_dict": real.trainable_state_dict(), "hook": _RunsCode(marker)}, path)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        if name == "best.pt":
+            load_checkpoint(path, variant="canet")
+        else:
+            load_training_state(path, CheckpointIdentity(variant="canet", fold=0))
+    message = str(info.value)
+    assert str(path) in message and "is not a safe checkpoint" in message
+    assert "system" in message and "Nothing in it was run" in message
+    assert not marker.exists()
+
+
+def test_training_state_is_plain_and_loads_with_weights_only(tmp_path):
+    model = _small_model("dpr")
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
+    loss = model(torch.randn(2, 3, 33, 33), torch.randn(2, 1, 3, 33, 33), torch.ones(2, 1, 33, 33))["query"].mean()
+    loss.backward()
+    opt.step()
+    history = {"loss": [(0, np.float32(0.7))], "val": [(1, np.float64(41.5))], "best_val_miou": np.float64(41.5),
+               "best_epoch": 1, "resumed_from": None}  # fmt: skip
+    identity = dataclasses.replace(IDENTITY, variant="dpr", fold=0)
+    path = save_training_state(tmp_path / "last.pt", identity=identity, fingerprint="f" * 16, epoch=0,
+                               model_state=model.trainable_state_dict(), optimizer_state=opt.state_dict(),
+                               history=history, run_id="0123abcd",
+                               iom_history={"table": torch.zeros(3, 2, 4, 4, dtype=torch.float16),
+                                            "seen": torch.zeros(3, dtype=torch.bool)})  # fmt: skip
+    raw = torch.load(path, weights_only=True)  # tensors and plain containers only
+    assert raw["run_id"] == "0123abcd" and raw["history"]["val"] == [(1, 41.5)]
+    assert raw["iom_history"]["table"].shape == (3, 2, 4, 4)  # extra state to resume travels too
+    state = load_training_state(path, CheckpointIdentity(variant="dpr", fold=0))
+    assert state["fingerprint"] == "f" * 16 and "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
+    with pytest.raises(CheckpointError, match=r"last\.pt holds a 'dpr' model of fold 0 .* expected a 'dpr' model of fold 2"):
+        load_training_state(path, CheckpointIdentity(variant="dpr", fold=2))
+    torch.save({"epoch": 3, "fingerprint": "old"}, tmp_path / "old.pt")  # an older simprop's last.pt
+    assert load_training_state(tmp_path / "old.pt", CheckpointIdentity(variant="dpr", fold=0)) is None

@@ -88,3 +88,69 @@ def test_protocol_options_are_validated(section, key, good, bad):
         raw[section][key] = value
         with pytest.raises(ParamsError, match=f"{section}.{key}"):
             params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "lr", float("nan")),
+        ("train", "lr", float("inf")),
+        ("train", "weight_decay", float("nan")),
+        ("train", "momentum", float("-inf")),
+        ("model", "dropout", float("nan")),
+        ("backbone", "residual_scale", float("nan")),
+        ("train", "lr", "nan"),  # a string YAML did not read as a number
+        ("data", "stall_timeout_s", float("inf")),
+    ],
+)
+def test_non_finite_numbers_are_rejected_naming_the_key(section, key, value):
+    raw = committed()
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=rf"{section}\.{key} must be a finite number"):
+        params_from_dict(raw)
+
+
+def test_yaml_nan_and_inf_in_a_params_file_are_rejected(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("  lr: 0.05\n", "  lr: .nan\n")
+    assert "lr: .nan" in text
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"train\.lr must be a finite number, got nan"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("data", "root", "../elsewhere/data"),
+        ("data", "root", "/tmp/simprop-data"),
+        ("data", "root", "data/../../x"),
+        ("data", "root", "~/data"),
+        ("backbone", "path", "../resnet50.pt"),
+        ("backbone", "path", "/tmp/resnet50.pt"),
+    ],
+)
+def test_output_paths_must_stay_inside_the_repository(section, key, value):
+    raw = committed()
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match=rf"{section}\.{key} = .* leaves the repository"):
+        params_from_dict(raw)
+
+
+def test_read_only_inputs_may_live_elsewhere():
+    raw = committed()
+    raw["data"]["root"] = "data/../data2"  # normalises to a path inside the repository
+    raw["model"]["backbone_weights"] = "/opt/weights/resnet50-0676ba61.pth"
+    raw["analysis"]["supervised_weights"] = "../shared/deeplabv3.pth"
+    raw["backbone"]["source"] = "/opt/weights/resnet50-0676ba61.pth"
+    params = params_from_dict(raw)
+    assert params.model.backbone_weights.startswith("/opt/")
+    assert params.analysis.supervised_weights.startswith("../")
+
+
+@pytest.mark.parametrize("value, phrase", [(0, "must be > 0"), (-1.0, "must be > 0"), ("soon", "must be a number")])
+def test_stall_timeout_must_be_a_positive_number(value, phrase):
+    raw = committed()
+    assert raw["data"]["stall_timeout_s"] == 60.0  # the committed default
+    raw["data"]["stall_timeout_s"] = value
+    with pytest.raises(ParamsError, match=rf"data\.stall_timeout_s.*{phrase}"):
+        params_from_dict(raw)

@@ -294,7 +294,9 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.rmtree(model_dir)
     state_file = model_dir / "state.json"
-    env = {**git_env(), "PYTHONPATH": str(repo)}  # the repo's own simprop/, as run() uses, not an installed one
+    env = git_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(repo)  # the repo's own simprop/, as run() does
     try:
         proc = subprocess.Popen(
             [sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"],
@@ -327,6 +329,14 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
                  (repo / "plots" / "train" / "loss" / "simpropnet_fold0.csv").read_text().splitlines()[1:]]  # fmt: skip
         assert steps == list(range((killed_at + 2) * 3)), "the loss curve must continue without gaps or repeats"
         assert json.loads(state_file.read_text())["completed_epochs"] == killed_at + 2
+        # MLflow: the SIGKILLed run does not stay RUNNING, and the two runs name each other
+        resumed, killed = _mlflow_runs(repo, "train", "simpropnet")[:2]
+        assert resumed.info.status == "FINISHED"
+        assert killed.info.status == "KILLED" and killed.info.end_time is not None
+        assert killed.data.tags["replaced_by_run"] == resumed.info.run_id
+        assert resumed.data.tags["replaces_run"] == killed.info.run_id
+        assert resumed.data.tags["resumed_from_run"] == killed.info.run_id  # recorded in last.pt
+        assert resumed.data.tags["resumed_from_epoch"] == str(killed_at + 1)
     finally:
         params_path.write_text(original)
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -494,3 +504,167 @@ def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_
         shutil.copytree(saved, model_dir)
         for curve, text in zip(curves, contents):
             curve.write_text(text)
+
+
+# --------------------------------------------------------------------------- faults (docs/reliability.md)
+
+
+def _swap_in(path: Path, write) -> Path:
+    """Move ``path`` aside (never write through it: DVC may hard-link it to its cache) and let
+    ``write(path)`` put another file there; returns where the original waits."""
+    saved = path.with_name(path.name + ".saved")
+    os.replace(path, saved)
+    write(path)
+    return saved
+
+
+def _restore(path: Path, saved: Path) -> None:
+    path.unlink(missing_ok=True)
+    os.replace(saved, path)
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
+    """Issue 11, scenario 1: fold 1's best.pt copied over fold 0's used to be evaluated silently
+    (its training saw fold 0's test classes). Here fold 0's checkpoint is re-labelled fold 1, as
+    a copy of a fold-1 checkpoint would be."""
+    import torch
+
+    repo = pipeline
+    best = repo / "models" / "canet" / "fold0" / "best.pt"
+    metrics = repo / "metrics" / "evaluate" / "canet_fold0.json"
+    before = metrics.read_bytes()
+    payload = torch.load(best, weights_only=True)
+    assert payload["identity"]["fold"] == 0 and payload["identity"]["protocol"] == "oslsm"
+    payload["identity"]["fold"] = 1
+    saved = _swap_in(best, lambda p: torch.save(payload, p))
+    try:
+        result = run([sys.executable, "stages/evaluate.py", "--variant", "canet", "--fold", "0"], repo, check=False)
+    finally:
+        _restore(best, saved)
+        if metrics.read_bytes() != before:  # only an evaluation that should not have run rewrites it
+            metrics.write_bytes(before)
+    assert result.returncode == 2, result.stdout[-2000:]
+    err = result.stderr
+    assert "Traceback" not in err
+    assert "models/canet/fold0/best.pt holds a 'canet' model of fold 1" in err
+    assert "expected a 'canet' model of fold 0" in err and "fold 1 != expected 0" in err
+    assert "1 aeroplane" in err  # what the fold-1 model has seen in training
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("name, stage", [("last.pt", "train"), ("best.pt", "evaluate")])
+def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage):
+    """Issue 11, scenario 2: a pickle whose __reduce__ runs a shell command, saved as last.pt
+    (resumed by train) or best.pt (read by evaluate): nothing runs, the stage stops naming it."""
+    import torch
+
+    repo = pipeline
+    marker = repo.parent / f"code-ran-{name}"
+    path = repo / "models" / "dpr" / "fold0" / name
+    saved = _swap_in(path, lambda p: torch.save({"epoch": 1, "model": _RunsCode(marker)}, p))
+    try:
+        result = run([sys.executable, f"stages/{stage}.py", "--variant", "dpr", "--fold", "0"], repo, check=False)
+    finally:
+        _restore(path, saved)
+    assert not marker.exists(), "the pickled command ran"
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"models/dpr/fold0/{name} is not a safe checkpoint" in result.stderr
+    assert "Nothing in it was run" in result.stderr
+
+
+def test_sigterm_during_download_marks_the_run_killed_and_leaves_no_temporary(pipeline):
+    """Issue 11, scenario 4: a SIGTERMed stage used to leave its MLflow run RUNNING."""
+    repo = pipeline
+    raw = repo / "data" / "raw"
+    before = sorted(p.name for p in raw.iterdir())
+    env = git_env()
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(repo)
+    proc = subprocess.Popen([sys.executable, "stages/download.py"], cwd=repo, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not list(raw.parent.glob("raw.tmp-*")):
+        time.sleep(0.01)
+    assert proc.poll() is None, "the download stage ended before it could be terminated"
+    time.sleep(0.3)  # inside the generation
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "download: terminated by SIGTERM; its MLflow run is marked KILLED" in err and "Traceback" not in err
+    assert not list(raw.parent.glob("raw.tmp-*")), "the temporary tree is removed"
+    assert sorted(p.name for p in raw.iterdir()) == before
+    latest = _mlflow_runs_of_stage(repo, "download")[0]
+    assert latest.info.status == "KILLED" and "StageTerminated" in latest.data.tags["error"]
+
+
+def _mlflow_runs_of_stage(repo: Path, stage: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("simprop")
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time DESC"])  # fmt: skip
+
+
+def test_features_stage_on_a_truncated_jpeg_fails_clearly_and_leaves_no_temporary(pipeline):
+    """Issue 11, scenario 5: a traceback and data/features.tmp left behind."""
+    repo = pipeline
+    images = repo / "data" / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    first = (repo / "data" / "splits" / "fold0" / "train.csv").read_text().splitlines()[1].split(",")[0]
+    victim = images / f"{first}.jpg"
+    data = victim.read_bytes()
+    features = repo / "data" / "features"
+    before = {p.name: p.stat().st_mtime_ns for p in features.iterdir()}
+    saved = _swap_in(victim, lambda p: p.write_bytes(data[: len(data) // 3]))
+    try:
+        result = run([sys.executable, "stages/features.py"], repo, check=False)
+    finally:
+        _restore(victim, saved)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("features: error: ") and victim.name in last and "unreadable image" in last
+    assert "Traceback" not in result.stderr
+    assert not (repo / "data" / "features.tmp").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in features.iterdir()} == before, "the old cache is untouched"
+    assert _mlflow_runs_of_stage(repo, "features")[0].info.status == "FAILED"
+
+
+def test_both_training_curves_and_the_experiment_kind_are_served_over_rest(pipeline):
+    """Issue 11, scenario 7 and the UI: the loss and validation CSVs are distinct artifacts of
+    every train run, and the experiment is a model-training one (MLflow 3 opens its runs table)."""
+    server = start_server(pipeline / ".mlflow-server-curves", db=pipeline / "mlflow.db")
+    try:
+        experiment = server.get("/api/2.0/mlflow/experiments/get-by-name", experiment_name="simprop")["experiment"]
+        tags = {t["key"]: t["value"] for t in experiment.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        # the README links the runs table of experiment 1: the first one the pipeline creates
+        readme = (REPO_ROOT / "README.md").read_text()
+        assert "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning" in readme
+        assert experiment["experiment_id"] == "1"
+        runs = server.post("/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [experiment["experiment_id"]], "max_results": 500,
+            "filter": "tags.stage = 'train' and attributes.status = 'FINISHED'",
+        })["runs"]  # fmt: skip
+        seen = set()
+        for found in runs:
+            run_tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
+            name = f"{run_tags['variant']}_fold{run_tags['fold']}.csv"
+            listed = {}
+            for kind in ("loss", "val"):
+                files = server.get("/api/2.0/mlflow/artifacts/list", run_id=found["info"]["run_id"],
+                                   path=f"curves/{kind}").get("files", [])  # fmt: skip
+                listed[kind] = {f["path"]: f.get("file_size") for f in files}
+            assert set(listed["loss"]) == {f"curves/loss/{name}"}, listed
+            assert set(listed["val"]) == {f"curves/val/{name}"}, listed
+            seen.add(run_tags["variant"])
+        assert seen == set(VARIANTS)
+    finally:
+        stop_server(server)

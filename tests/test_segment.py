@@ -211,7 +211,7 @@ def test_missing_files(checkpoint, inputs, tmp_path):
 
 
 def test_checkpoint_of_another_variant(checkpoint, inputs):
-    with pytest.raises(SegmentError, match="holds a 'simpropnet' model, expected 'canet'"):
+    with pytest.raises(SegmentError, match="holds a 'simpropnet' model, expected a 'canet' model"):
         _run(checkpoint, inputs, variant="canet")
     _assert_nothing_written(inputs["out"])
 
@@ -267,3 +267,128 @@ def test_gpu_gives_the_cpu_masks(checkpoint, inputs, tmp_path):
     for a, b in zip(cpu, gpu):
         agree = (np.asarray(Image.open(a.mask)) == np.asarray(Image.open(b.mask))).mean()
         assert agree > 0.99
+
+
+# --------------------------------------------------------------------------- identity, --out, decoding order
+
+
+@pytest.fixture(scope="module")
+def fold0_checkpoint(tmp_path_factory) -> Path:
+    from simprop.model import CheckpointIdentity
+
+    path = tmp_path_factory.mktemp("ckpt_fold0") / "best.pt"
+    torch.manual_seed(0)
+    model = build_model("simpropnet", ModelParams(backbone_weights="none", backbone_seed=0))
+    identity = CheckpointIdentity(variant="simpropnet", fold=0, protocol="oslsm",
+                                  backbone_sha256=model.backbone.checksum(), splits_sha256="0" * 64)  # fmt: skip
+    save_checkpoint(path, model, identity=identity, epoch=0, image_size=IMAGE_SIZE)
+    return path
+
+
+def _cli(checkpoint, inputs, *extra):
+    (s1, m1), _ = inputs["supports"]
+    return main(["segment", "--checkpoint", str(checkpoint), "--support", str(s1), str(m1), "--query",
+                 str(inputs["folder"]), "--device", "cpu", "--quiet", *extra])  # fmt: skip
+
+
+def test_the_held_out_classes_of_the_checkpoint_are_shown(fold0_checkpoint, checkpoint, inputs, capsys, tmp_path):
+    assert _cli(fold0_checkpoint, inputs, "--out", str(inputs["out"]), "--fold", "0") == 0
+    out = capsys.readouterr().out
+    assert "simpropnet trained on PASCAL-5i fold 0, oslsm protocol" in out
+    assert "held out of its training" in out and "1 aeroplane, 2 bicycle, 3 bird, 4 boat, 5 bottle" in out
+    assert _cli(checkpoint, inputs, "--out", str(tmp_path / "o2")) == 0  # written without an identity
+    assert "records no PASCAL-5i fold" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_fold_is_refused(fold0_checkpoint, inputs, capsys):
+    assert _cli(fold0_checkpoint, inputs, "--out", str(inputs["out"]), "--fold", "2") == 2
+    err = capsys.readouterr().err
+    assert str(fold0_checkpoint) in err and "holds a 'simpropnet' model of fold 0" in err and "expected a model of fold 2: fold 0 != expected 2" in err
+    _assert_nothing_written(inputs["out"])
+
+
+def _out_problems(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    a_file = tmp_path / "a_file.png"
+    a_file.write_bytes(b"not a folder")
+    return {
+        "existing file": (a_file, "is an existing file, not a folder"),
+        "below a file": (a_file / "out", "is a file, not a folder"),
+        "name too long": (tmp_path / ("x" * 300) / "out", "impossible path"),
+    }
+
+
+@pytest.mark.parametrize("problem", ["existing file", "below a file", "name too long"])
+def test_out_problems_exit_2_with_a_message(checkpoint, inputs, capsys, tmp_path, problem):
+    out, phrase = _out_problems(tmp_path)[problem]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert _cli(checkpoint, inputs, "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("simprop segment: error: --out ") and phrase in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_read_only_out_folder_exits_2(checkpoint, inputs, capsys, tmp_path):
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+    elif os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+        locked = Path("/proc/sys")  # root writes anywhere but on a read-only mount (containers)
+    else:
+        pytest.skip("running as root without a read-only folder to try")
+    try:
+        assert _cli(checkpoint, inputs, "--out", str(locked)) == 2
+        assert "the folder is not writable" in capsys.readouterr().err
+        assert _cli(checkpoint, inputs, "--out", str(locked / "new")) == 2
+        assert f"cannot be created because {locked} is not writable" in capsys.readouterr().err
+    finally:
+        if locked.is_relative_to(tmp_path):
+            locked.chmod(0o755)
+
+
+def test_the_checkpoint_and_supports_are_checked_before_any_query_is_decoded(checkpoint, inputs, monkeypatch, tmp_path):
+    import simprop.segment as seg
+
+    queries = {Path(p) for p in inputs["queries"]}
+    decoded = []
+    real = seg.read_image
+
+    def counting(path):
+        if Path(path) in queries:
+            decoded.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(seg, "read_image", counting)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(SegmentError, match="corrupt"):
+        _run(corrupt, inputs)
+    (s1, _), _ = inputs["supports"]
+    empty = _mask(inputs["dir"] / "empty.png", 64, 48, value=0)
+    with pytest.raises(SegmentError, match="no foreground"):
+        _run(checkpoint, inputs, supports=[(s1, empty)])
+    assert decoded == []
+
+
+def test_queries_are_decoded_one_batch_at_a_time(checkpoint, inputs, monkeypatch):
+    import simprop.segment as seg
+
+    for i in range(4, 8):
+        _image(inputs["folder"] / f"q{i}.png", 40, 30, i)
+    events = []
+    real_read, real_predict = seg.read_image, seg.predict_masks
+
+    def read(path):
+        if Path(path).parent == inputs["folder"]:
+            events.append("decode")
+        return real_read(path)
+
+    def predict(*args, **kwargs):
+        events.append("predict")
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(seg, "read_image", read)
+    monkeypatch.setattr(seg, "predict_masks", predict)
+    results = _run(checkpoint, inputs, batch_size=3)
+    assert len(results) == 7
+    assert "".join("d" if e == "decode" else "P" for e in events) == "dddPdddPdP"

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,164 @@ def test_run_is_browsable_through_a_real_server(tmp_path, clean_env, mlflow_serv
     assert [f["path"] for f in listed["files"]] == ["reports/tables.md"]
     stored = list((mlflow_server.root / "artifacts").rglob("tables.md"))
     assert len(stored) == 1 and stored[0].read_text() == "| a | b |\n"
+
+
+# --------------------------------------------------------------------------- the experiment kind
+
+
+def test_experiment_opens_on_the_runs_table(tmp_path, mlflow_db_template, clean_env):
+    """MLflow 3's UI shows an experiment as model training (the runs table) when its
+    ``mlflow.experimentKind`` tag says so; a new experiment gets it, an existing one lacking it too."""
+    uri = copy_store(mlflow_db_template, tmp_path)
+    client = _client(uri)
+    old = client.create_experiment("made-before", artifact_location=(tmp_path / "a").as_uri())  # no kind tag
+    for name in ("made-before", "made-now"):
+        with stage_run("report", _params(uri=uri, experiment=name), repo_root=tmp_path):
+            pass
+        exp = client.get_experiment_by_name(name)
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development", name
+    assert client.get_experiment_by_name("made-before").experiment_id == old
+
+
+# --------------------------------------------------------------------------- stage processes
+
+STAGE_SCRIPT = r'''
+"""A stage process: run_stage + stage_run, as every stages/*.py script."""
+import os, sys, time
+from pathlib import Path
+
+root, mode = Path(sys.argv[1]), sys.argv[2]
+import mlflow  # noqa: F401  (imported before the start signal, so that all processes open the store at once)
+from simprop.stage import run_stage
+from simprop.tracking import stage_run
+
+
+def body(params):
+    while not (root / "go").exists():
+        time.sleep(0.01)
+    with stage_run("report", params, repo_root=root) as run:
+        (root / f"run-{os.getpid()}.txt").write_text(run.run_id)
+        run.log_metrics({"pid": os.getpid()})
+        while mode == "wait":
+            time.sleep(0.05)
+    return 0
+
+
+sys.exit(run_stage("report", body, root / "params.yaml"))
+'''
+
+
+def _stage_root(tmp_path: Path, template: Path | None = None) -> Path:
+    """A repository root for stage processes; ``template``: start from a migrated store (fast)."""
+    from simprop.params import dump_yaml
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    if template is not None:
+        copy_store(template, root)
+    (root / "params.yaml").write_text(dump_yaml(Params()))
+    (root / "stage_script.py").write_text(STAGE_SCRIPT)
+    return root
+
+
+def _start_stage(root: Path, mode: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_DISABLE_TELEMETRY="true")
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_ROOT"):
+        env.pop(var, None)
+    return subprocess.Popen(
+        [sys.executable, str(root / "stage_script.py"), str(root), mode], cwd=root, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _wait_for_run(root: Path, proc: subprocess.Popen, timeout: float = 120.0) -> str:
+    path = root / f"run-{proc.pid}.txt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text():
+            return path.read_text()
+        if proc.poll() is not None:
+            raise AssertionError(f"stage exited with {proc.returncode}:\n{proc.stderr.read()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the stage did not open its run in time")
+
+
+@pytest.mark.slow
+def test_four_stage_processes_on_a_fresh_store_all_land(tmp_path, clean_env):
+    """Four stages starting at once on a store that does not exist yet (two queued experiments on
+    a fresh clone): MLflow's schema creation and migration run once, under the store lock; every
+    run lands and the store stays usable.  Without the lock, 4 of 4 processes died with
+    sqlite/alembic errors and the store kept ``_alembic_tmp_*`` tables."""
+    import sqlite3
+
+    root = _stage_root(tmp_path)
+    procs = [_start_stage(root, "finish") for _ in range(4)]
+    time.sleep(3.0)  # all four have imported mlflow and wait for the start signal
+    (root / "go").touch()
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in procs]
+    for code, err in results:
+        assert code == 0, err[-3000:]
+        assert "Traceback" not in err
+    client = _client(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("simprop")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert {int(r.data.metrics["pid"]) for r in runs} == {p.pid for p in procs}
+    with sqlite3.connect(root / "mlflow.db") as db:
+        tables = [name for (name,) in db.execute("select name from sqlite_master where type = 'table'")]
+    assert not [t for t in tables if t.startswith("_alembic_tmp")]
+    assert (root / "mlflow.db.lock").is_file()  # the lock lives beside the store
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_terminated_stage_marks_its_run_killed(tmp_path, clean_env, mlflow_db_template, sig, code):
+    root = _stage_root(tmp_path, mlflow_db_template)
+    (root / "go").touch()
+    proc = _start_stage(root, "wait")
+    run_id = _wait_for_run(root, proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    err = proc.stderr.read()
+    assert "Traceback" not in err
+    assert f"report: {'interrupted (SIGINT)' if sig == signal.SIGINT else 'terminated by SIGTERM'}" in err
+    assert "marked KILLED" in err
+    got = _client(f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
+    assert got.info.status == "KILLED" and got.info.end_time is not None
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_killed_stage_is_closed_by_the_next_run(tmp_path, clean_env, mlflow_db_template):
+    """SIGKILL leaves the run RUNNING; when the same stage (same run name, DVC experiment and
+    repository) starts again, that run is closed as KILLED and the two runs name each other.
+    A RUNNING run whose process still lives (a parallel stage) is left alone."""
+    root = _stage_root(tmp_path, mlflow_db_template)
+    (root / "go").touch()
+    killed = _start_stage(root, "wait")
+    killed_id = _wait_for_run(root, killed)
+    alive = _start_stage(root, "wait")
+    alive_id = _wait_for_run(root, alive)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    client = _client(f"sqlite:///{root / 'mlflow.db'}")
+    assert client.get_run(killed_id).info.status == "RUNNING"  # nobody closed it
+    try:
+        with stage_run("report", params_from_root(root), repo_root=root) as run:
+            new_id = run.run_id
+        old = client.get_run(killed_id)
+        assert old.info.status == "KILLED" and old.info.end_time is not None
+        assert old.data.tags["replaced_by_run"] == new_id
+        assert "found RUNNING when the stage started again" in old.data.tags["killed_reason"]
+        assert client.get_run(new_id).data.tags["replaces_run"] == killed_id
+        assert client.get_run(alive_id).info.status == "RUNNING", "a live stage's run must not be closed"
+    finally:
+        alive.terminate()
+        alive.wait(timeout=60)
+    assert client.get_run(alive_id).info.status == "KILLED"
+
+
+def params_from_root(root: Path) -> Params:
+    from simprop.params import load_params
+
+    return load_params(root / "params.yaml")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from simprop import atomic
 
 
 class AnalysisError(RuntimeError):
@@ -57,45 +58,45 @@ def sample_pairs(
     return pairs
 
 
-def load_trained_model(checkpoint: Path, variant: str, device):
-    """The analysed few-shot model and its checkpoint meta; a clear error when it is missing."""
-    from simprop.model import load_checkpoint
+def load_trained_model(checkpoint: Path, variant: str, device, expected=None):
+    """The analysed few-shot model and its checkpoint meta; a clear error when it is missing.
+
+    ``expected``: the :class:`~simprop.model.checkpoint.CheckpointIdentity` the analysis needs
+    (its variant, fold, protocol, backbone and fold lists); any difference is an error.
+    """
+    from simprop.model import CheckpointIdentity, load_checkpoint
 
     if not checkpoint.is_file():
         raise AnalysisError(
             f"{checkpoint}: checkpoint not found; train {variant} first (dvc repro train) or set "
             "analysis.variant / analysis.fold to a trained model"
         )
-    model, meta = load_checkpoint(checkpoint, map_location="cpu", variant=variant)
+    model, meta = load_checkpoint(checkpoint, map_location="cpu", expected=expected or CheckpointIdentity(variant=variant))
     return model.to(device).eval(), meta
 
 
+def expected_checkpoint(params, root: Path):
+    """What the analysed checkpoint (``analysis.variant`` / ``analysis.fold``) must have been trained as."""
+    from simprop.model import expected_identity
+
+    return expected_identity(params, params.analysis.variant, params.analysis.fold, root)
+
+
 def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic.replace_on_success(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(columns))
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c) for c in columns})
-    os.replace(tmp, path)
     return path
 
 
 def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_text(path, text)
 
 
 def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -34,6 +34,7 @@ from typing import Any, Callable
 import numpy as np
 
 from simprop.analysis.common import (
+    expected_checkpoint,
     load_trained_model,
     markdown_table,
     pick_device,
@@ -203,7 +204,7 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
             return skipped_result(params, str(exc))
     checkpoint = checkpoint_path(params, root)
     if model is None:
-        model, _ = load_trained_model(checkpoint, a.variant, torch_device)
+        model, _ = load_trained_model(checkpoint, a.variant, torch_device, expected_checkpoint(params, root))
     paths = DataPaths(root / params.data.root)
     seed = params.episodes.test_seeds[0]
     episodes = read_episodes(paths.episode_file(a.fold, f"test_seed{seed}"), shots=1)

@@ -29,6 +29,7 @@ import numpy as np
 from simprop.analysis.common import (
     AnalysisError,
     backbone_note,
+    expected_checkpoint,
     images_by_class,
     load_trained_model,
     markdown_table,
@@ -90,7 +91,7 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
     torch_device = pick_device(device or params.evaluate.device)
     checkpoint = checkpoint_path(params, root)
     if model is None:
-        model, _ = load_trained_model(checkpoint, a.variant, torch_device)
+        model, _ = load_trained_model(checkpoint, a.variant, torch_device, expected_checkpoint(params, root))
     size = params.evaluate.image_size
     store = ImageStore(DataPaths(root / params.data.root), size, memoise=False)
 

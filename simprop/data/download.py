@@ -2,8 +2,12 @@
 
 * :func:`fetch` downloads one URL into ``<data.root>/downloads/`` through a ``.part`` file.
   An interrupted download resumes with an HTTP ``Range`` request; a server that ignores
-  ``Range`` (answers 200) makes it restart cleanly from byte 0. The finished file must have the
-  md5 from params.yaml, or it is moved aside to ``<name>.md5-mismatch`` and an error says why.
+  ``Range`` (answers 200) makes it restart cleanly from byte 0. A download that makes no
+  progress (fewer than :data:`MIN_PROGRESS_BYTES` in ``data.stall_timeout_s`` seconds, e.g. a
+  server trickling a byte now and then) is abandoned and retried, then given up on. The
+  finished file must have the md5 from params.yaml, or it is moved aside to
+  ``<name>.md5-mismatch`` and an error says why; once the md5 in params.yaml is corrected, that
+  file is checked against it first and reused if it matches, not downloaded again.
 * :func:`extract_archive` extracts a tar/tgz after checking every member: absolute paths, ``..``
   components, links pointing outside the extraction directory and device files are refused.
 * :func:`install_tree` builds a tree in ``<target>.tmp-XXXX`` next to the target and renames it
@@ -34,6 +38,8 @@ from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR, DataLayout
 from simprop.data.progress import progress_bar
 
 CHUNK_SIZE = 1 << 20
+MIN_PROGRESS_BYTES = 64 * 1024
+"""A download makes progress while at least this many bytes arrive every ``data.stall_timeout_s``."""
 
 VOC_MEMBERS = (
     f"{VOC_SUBDIR}/JPEGImages/",
@@ -53,6 +59,10 @@ SBD_MEMBERS = (
 
 class _Interrupted(Exception):
     """The connection ended before the announced number of bytes arrived."""
+
+
+class _Stalled(_Interrupted):
+    """Too few bytes arrived within the stall timeout (``data.stall_timeout_s``)."""
 
 
 # ---------------------------------------------------------------------------- checksums
@@ -82,9 +92,21 @@ def _check_md5(path: Path, expected: str, *, dest: Path, url: str, key: str, pro
         f"{dest.name}: md5 is {actual}, expected {expected.lower()} (data.{key}_md5).\n"
         f"  downloaded from: {url} (data.{key}_url)\n"
         f"  The file is not the expected archive: fix data.{key}_url (mirror?) or data.{key}_md5 in "
-        f"params.yaml. It was moved to {aside} for inspection; delete it when done. Running the stage "
-        "again downloads the file afresh. No dataset tree was written."
+        f"params.yaml. It was moved to {aside} for inspection. If the md5 in params.yaml was the "
+        "mistake, the next run checks that file against the corrected md5 and uses it without "
+        "downloading; otherwise it downloads the file afresh. No dataset tree was written."
     )
+
+
+def _reuse_set_aside(dest: Path, md5: str, *, progress: bool) -> bool:
+    """A file moved aside for a wrong md5 that has the (corrected) md5 now becomes ``dest``."""
+    aside = dest.with_name(dest.name + ".md5-mismatch")
+    if dest.exists() or not aside.is_file():
+        return False
+    if md5sum(aside, progress=progress) != md5.lower():
+        return False
+    os.replace(aside, dest)
+    return True
 
 
 # ---------------------------------------------------------------------------- download
@@ -104,26 +126,32 @@ def fetch(
     key: str = "file",
     retries: int = 3,
     timeout: float = 60.0,
+    stall_timeout: float = 60.0,
     backoff: float = 2.0,
     progress: bool = True,
 ) -> Path:
     """Download ``url`` to ``dest`` (resuming ``dest.part``), verify its md5, return ``dest``.
 
-    An existing ``dest`` with the right md5 is reused without any network access. ``key`` names
-    the params (``data.<key>_url`` / ``data.<key>_md5``) in error messages. A connection that
-    drops is retried ``retries`` times, each retry resuming where the last one stopped; after
-    that :class:`DownloadError` is raised and the ``.part`` file is kept so that the next run
-    resumes.
+    An existing ``dest`` with the right md5 is reused without any network access, and so is a
+    ``dest.md5-mismatch`` (set aside by an earlier run) that has the md5 now. ``key`` names the
+    params (``data.<key>_url`` / ``data.<key>_md5``) in error messages. A connection that drops,
+    or that makes no progress (fewer than :data:`MIN_PROGRESS_BYTES` in ``stall_timeout``
+    seconds; ``timeout`` bounds each network wait), is retried ``retries`` times, each retry
+    resuming where the last one stopped; after that :class:`DownloadError` is raised and the
+    bytes received so far are kept in the ``.part`` file so that the next run resumes.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():
         _check_md5(dest, md5, dest=dest, url=url, key=key, progress=progress)
         return dest
+    if _reuse_set_aside(dest, md5, progress=progress):
+        return dest
     part = dest.with_name(dest.name + ".part")
+    wait = min(timeout, stall_timeout)
     for attempt in range(retries + 1):
         try:
-            _download_to_part(url, part, timeout=timeout, progress=progress)
+            _download_to_part(url, part, timeout=wait, stall_timeout=stall_timeout, progress=progress)
             break
         except (_Interrupted, urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             if isinstance(exc, urllib.error.HTTPError):  # 4xx/5xx: retrying will not help
@@ -132,10 +160,20 @@ def fetch(
                 ) from None
             have = part.stat().st_size if part.exists() else 0
             if attempt == retries:
+                if part.exists() and not have:
+                    part.unlink()  # an empty .part helps no one
                 why = str(exc) if isinstance(exc, _Interrupted) else f"{type(exc).__name__}: {exc}"
+                what = "stalled" if isinstance(exc, _Stalled) else "interrupted"
+                kept = (
+                    f"{have} bytes are kept in {part}. Run the stage again to resume."
+                    if have else "nothing was received, so there is nothing to resume; run the stage again later."
+                )
+                hint = (
+                    f" A slow mirror? Raise data.stall_timeout_s or set data.{key}_url to another mirror."
+                    if isinstance(exc, _Stalled) else ""
+                )
                 raise DownloadError(
-                    f"{url}: download interrupted ({why}) after {retries + 1} "
-                    f"attempts; {have} bytes are kept in {part}. Run the stage again to resume."
+                    f"{url}: download {what} ({why}) after {retries + 1} attempts; {kept}{hint}"
                 ) from None
             time.sleep(backoff * (attempt + 1))
     _check_md5(part, md5, dest=dest, url=url, key=key, progress=progress)
@@ -153,8 +191,12 @@ def _content_range(value: str | None) -> tuple[int | None, int | None]:
     return first, total
 
 
-def _download_to_part(url: str, part: Path, *, timeout: float, progress: bool) -> None:
-    """One HTTP request appending to (resume) or rewriting (restart) ``part``."""
+def _download_to_part(url: str, part: Path, *, timeout: float, stall_timeout: float = 60.0, progress: bool) -> None:
+    """One HTTP request appending to (resume) or rewriting (restart) ``part``.
+
+    Raises :class:`_Stalled` when fewer than :data:`MIN_PROGRESS_BYTES` arrive within
+    ``stall_timeout`` seconds (``timeout`` bounds each single network wait).
+    """
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "simprop-data/1", "Accept-Encoding": "identity"}
     if have:
@@ -182,22 +224,36 @@ def _download_to_part(url: str, part: Path, *, timeout: float, progress: bool) -
         else:  # 200: no partial file, or the server ignored Range; (re)start from byte 0
             mode, start, total = "wb", 0, length
         received = 0
+        window_start, window_bytes = time.monotonic(), 0
         with open(part, mode) as fh, progress_bar(
             total=total, initial=start, desc=part.name.removesuffix(".part"), unit="B",
             unit_scale=True, enabled=progress,
         ) as bar:
             while True:
                 try:
-                    chunk = response.read(CHUNK_SIZE)
+                    chunk = response.read1(CHUNK_SIZE)  # what has arrived, not a blocking full chunk
                 except http.client.IncompleteRead as exc:
                     fh.write(exc.partial)
                     received += len(exc.partial)
                     raise _Interrupted(f"connection closed after {start + received} bytes") from None
+                except TimeoutError:
+                    raise _Stalled(
+                        f"no data for {timeout:g} s after {start + received} bytes (data.stall_timeout_s = {stall_timeout:g})"
+                    ) from None
                 if not chunk:
                     break
                 fh.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                window_bytes += len(chunk)
+                now = time.monotonic()
+                if window_bytes >= MIN_PROGRESS_BYTES:
+                    window_start, window_bytes = now, 0
+                elif now - window_start > stall_timeout:
+                    raise _Stalled(
+                        f"only {window_bytes} bytes in {now - window_start:.1f} s after {start + received - window_bytes} "
+                        f"bytes: no progress for data.stall_timeout_s = {stall_timeout:g} s"
+                    )
     if length is not None and received < length:
         raise _Interrupted(f"connection closed after {start + received} of {start + length} bytes")
 
@@ -295,9 +351,10 @@ def prepare_voc(
 ) -> None:
     """Download (or reuse) the three official files and install ``<root>/raw`` from them.
 
-    ``data`` is the ``data`` section of the params (:class:`simprop.params.DataParams`).
+    ``data`` is the ``data`` section of the params (:class:`simprop.params.DataParams`); its
+    ``stall_timeout_s`` is the no-progress deadline of each attempt.
     """
-    options = dict(retries=retries, timeout=timeout, backoff=backoff, progress=progress)
+    options = dict(retries=retries, timeout=timeout, stall_timeout=data.stall_timeout_s, backoff=backoff, progress=progress)
     voc_tar = fetch(
         data.voc_url, layout.downloads / file_name_from_url(data.voc_url, "VOCtrainval_11-May-2012.tar"),
         data.voc_md5, key="voc", **options,

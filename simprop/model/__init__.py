@@ -1,6 +1,13 @@
 """SimPropNet model family (paper §3.2-3.5): CANet baseline, DPr, FBAF, ICA and k-shot."""
 
-from simprop.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from simprop.model.checkpoint import (
+    CheckpointError,
+    CheckpointIdentity,
+    UnsafeCheckpointError,
+    expected_identity,
+    load_checkpoint,
+    save_checkpoint,
+)
 from simprop.model.encoder import BackboneWeightsError, build_backbone
 from simprop.model.fbaf import attention_maps
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
@@ -12,14 +19,17 @@ __all__ = [
     "VARIANTS",
     "BackboneWeightsError",
     "CheckpointError",
+    "CheckpointIdentity",
     "IGNORE_INDEX",
     "SimPropNet",
+    "UnsafeCheckpointError",
     "VariantSpec",
     "apply_input_channel_averaging",
     "attention_maps",
     "build_backbone",
     "build_model",
     "dual_prediction_loss",
+    "expected_identity",
     "ica_probability",
     "load_checkpoint",
     "masked_average_pool",
