@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -9,7 +10,9 @@ from simprop.params import Params
 from simprop.stage import run_stage
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+
     def body(params: Params) -> int:
         from simprop.backbone import materialise_backbone
         from simprop.tracking import stage_run

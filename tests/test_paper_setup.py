@@ -79,7 +79,7 @@ def paper_repo(tmp_path_factory) -> tuple[Path, dict]:
     repo.mkdir()
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     steps = [(name, []) for name in ("download", "augment", "splits", "episodes")]
-    steps += [("backbone", None), ("features", None)]
+    steps += [("backbone", []), ("features", [])]
     steps += [(stage, ["--variant", v, "--fold", "0"]) for stage in ("train", "evaluate") for v in VARIANTS]
     steps += [("report", [])]
     cwd, uri = Path.cwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -87,7 +87,7 @@ def paper_repo(tmp_path_factory) -> tuple[Path, dict]:
     try:
         for name, argv in steps:
             main = stage_main(name)
-            assert (main() if argv is None else main(argv)) == 0, f"stage {name} {argv or ''} failed"
+            assert main(argv) == 0, f"stage {name} {argv} failed"
     finally:
         os.chdir(cwd)
         if uri is not None:
