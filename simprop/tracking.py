@@ -59,6 +59,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from simprop.timing import span
+
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
@@ -73,7 +75,8 @@ _MAX_TAG_VALUE = 8000
 def _mlflow():
     """Import mlflow on first use, with telemetry off unless the caller chose otherwise."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    import mlflow
+    with span("mlflow_import"):
+        import mlflow
 
     return mlflow
 
@@ -483,6 +486,25 @@ def _terminate_as_exception() -> Iterator[None]:
         _previous_sigterm.pop()
 
 
+def _log_params(client: "MlflowClient", run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(sanitize_key(k), _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def _timed_logging(method):
+    """Count a :class:`StageRun` method's time as MLflow logging (:mod:`simprop.timing`)."""
+
+    def wrapper(*args, **kwargs):
+        with span("mlflow_logging"):
+            return method(*args, **kwargs)
+
+    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    return wrapper
+
+
 class StageRun:
     """Handle on the MLflow run of one stage execution (yielded by :func:`stage_run`)."""
 
@@ -496,6 +518,7 @@ class StageRun:
     def artifact_uri(self) -> str:
         return self.client.get_run(self.run_id).info.artifact_uri
 
+    @_timed_logging
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log a (possibly nested) dict of numbers; names are sanitised (``@``, ``()`` -> ``_``)."""
         from mlflow.entities import Metric
@@ -511,6 +534,7 @@ class StageRun:
     def log_metric(self, name: str, value: float, step: int | None = None) -> None:
         self.log_metrics({name: value}, step=step)
 
+    @_timed_logging
     def log_history(self, name: str, steps: Sequence[int], values: Sequence[float]) -> None:
         """Log a whole series (e.g. the per-step training loss) in a few batched calls."""
         from mlflow.entities import Metric
@@ -523,14 +547,12 @@ class StageRun:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    @_timed_logging
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log params (values stringified; lists as JSON).  MLflow params are immutable."""
-        from mlflow.entities import Param
+        _log_params(self.client, self.run_id, params)
 
-        items = [Param(sanitize_key(k), _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
+    @_timed_logging
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
@@ -538,6 +560,7 @@ class StageRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
+    @_timed_logging
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file (e.g. a checkpoint: plain artifact, never ``log_model``) into the run."""
         path = Path(path)
@@ -545,16 +568,19 @@ class StageRun:
             raise FileNotFoundError(f"artifact {path} does not exist")
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    @_timed_logging
     def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"artifact directory {directory} does not exist")
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
 
+    @_timed_logging
     def log_dict(self, obj: Any, artifact_file: str) -> None:
         """Write ``obj`` as JSON (or YAML for ``.yaml``/``.yml``) into the run's artifacts."""
         self.client.log_dict(self.run_id, obj, artifact_file)
 
+    @_timed_logging
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
@@ -585,20 +611,23 @@ def stage_run(
 
     root = find_repo_root(repo_root)
     uri, artifacts = resolve_tracking(repo_root, params.tracking.tracking_uri, params.tracking.experiment)
+    _mlflow()
     with _terminate_as_exception():
-        client, experiment_id = open_store(uri, params.tracking.experiment, artifacts)
-        name = run_name(stage, variant, fold, shots)
-        key = stage_key(name, root)
-        tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
-        tags.update({"stage_key": key[:_MAX_TAG_VALUE], "process": process_token()})
-        info = client.create_run(experiment_id, run_name=name, tags=tags).info
+        with span("mlflow_setup"):
+            client, experiment_id = open_store(uri, params.tracking.experiment, artifacts)
+            name = run_name(stage, variant, fold, shots)
+            key = stage_key(name, root)
+            tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
+            tags.update({"stage_key": key[:_MAX_TAG_VALUE], "process": process_token()})
+            info = client.create_run(experiment_id, run_name=name, tags=tags).info
         run = StageRun(client, info.run_id, experiment_id, uri)
         try:
-            replaced = close_dangling_runs(client, experiment_id, key, run.run_id)
-            if replaced:
-                run.set_tags({"replaces_run": ",".join(replaced)})
-            run.log_params(params.flat())
-            run.log_text(dump_yaml(params), "params.yaml")
+            with span("mlflow_setup"):
+                replaced = close_dangling_runs(client, experiment_id, key, run.run_id)
+                if replaced:
+                    client.set_tag(run.run_id, "replaces_run", ",".join(replaced))
+                _log_params(client, run.run_id, params.flat())
+                client.log_text(run.run_id, dump_yaml(params), "params.yaml")
             yield run
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StageTerminated)) else "FAILED"
@@ -607,4 +636,5 @@ def stage_run(
             with contextlib.suppress(Exception):
                 client.set_terminated(run.run_id, status=status)
             raise
-        client.set_terminated(run.run_id, status="FINISHED")
+        with span("mlflow_close"):
+            client.set_terminated(run.run_id, status="FINISHED")

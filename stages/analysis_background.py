@@ -19,8 +19,11 @@ STAGE = "analysis_background"
 
 
 def analyse(params: Params, root: Path) -> int:
-    from simprop.analysis.background_similarity import run_background_similarity, write_background_similarity
-    from simprop.tracking import stage_run
+    from simprop.timing import span
+
+    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+        from simprop.analysis.background_similarity import run_background_similarity, write_background_similarity
+        from simprop.tracking import stage_run
 
     metrics = root / "metrics" / "analysis" / "background_similarity.json"
     reports = root / "reports" / "analysis"

@@ -20,8 +20,11 @@ STAGE = "analysis_error_overlap"
 
 
 def analyse(params: Params, root: Path) -> int:
-    from simprop.analysis.error_overlap import run_error_overlap, write_error_overlap
-    from simprop.tracking import stage_run
+    from simprop.timing import span
+
+    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+        from simprop.analysis.error_overlap import run_error_overlap, write_error_overlap
+        from simprop.tracking import stage_run
 
     a = params.analysis
     metrics = root / "metrics" / "analysis" / "error_overlap.json"

@@ -19,8 +19,11 @@ STAGE = "analysis_error_similarity"
 
 
 def analyse(params: Params, root: Path) -> int:
-    from simprop.analysis.error_similarity import run_error_similarity, write_error_similarity
-    from simprop.tracking import stage_run
+    from simprop.timing import span
+
+    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+        from simprop.analysis.error_similarity import run_error_similarity, write_error_similarity
+        from simprop.tracking import stage_run
 
     a = params.analysis
     metrics = root / "metrics" / "analysis" / "error_similarity.json"

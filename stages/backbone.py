@@ -14,8 +14,11 @@ def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
 
     def body(params: Params) -> int:
-        from simprop.backbone import materialise_backbone
-        from simprop.tracking import stage_run
+        from simprop.timing import span
+
+        with span("imports"):  # what this stage needs, imported once (simprop.timing)
+            from simprop.backbone import materialise_backbone
+            from simprop.tracking import stage_run
 
         with stage_run("backbone", params) as run:
             provenance = materialise_backbone(params, Path("."))

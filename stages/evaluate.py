@@ -25,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     def body(params: Params) -> int:
         check_matrix_entry(params, args.variant, args.fold)
 
-        from simprop.evaluation import evaluate_model, qualitative_rows, resolve_device, write_json
-        from simprop.features import open_feature_cache
-        from simprop.model import build_model, expected_identity, load_checkpoint
-        from simprop.tracking import stage_run
-        from simprop.training import TrainPaths
-        from simprop.visualize import save_qualitative
+        from simprop.timing import span
+
+        with span("imports"):  # what this stage needs, imported once (simprop.timing)
+            from simprop.evaluation import evaluate_model, qualitative_rows, resolve_device, write_json
+            from simprop.features import open_feature_cache
+            from simprop.model import build_model, expected_identity, load_checkpoint
+            from simprop.tracking import stage_run
+            from simprop.training import TrainPaths
+            from simprop.visualize import save_qualitative
 
         root = Path(".")
         device = resolve_device(params.evaluate.device)

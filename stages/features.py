@@ -22,9 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from simprop.evaluation import resolve_device
-        from simprop.features import build_feature_cache
-        from simprop.tracking import stage_run
+        from simprop.timing import span
+
+        with span("imports"):  # what this stage needs, imported once (simprop.timing)
+            from simprop.evaluation import resolve_device
+            from simprop.features import build_feature_cache
+            from simprop.tracking import stage_run
 
         with stage_run("features", params) as run:
             manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))

@@ -21,8 +21,11 @@ STAGE = "report"
 
 
 def report(params: Params, root: Path) -> int:
-    from simprop.report import build_report
-    from simprop.tracking import stage_run
+    from simprop.timing import span
+
+    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+        from simprop.report import build_report
+        from simprop.tracking import stage_run
 
     with stage_run(STAGE, params, repo_root=root) as run:
         out = build_report(params, root)

@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params: Params) -> int:
         check_matrix_entry(params, args.variant, args.fold)
-        from simprop.distributed import context_from_env, destroy, torchrun_command, under_torchrun
+        from simprop.timing import span
+
+        with span("imports"):  # what this stage needs, imported once (simprop.timing)
+            from simprop.distributed import context_from_env, destroy, torchrun_command, under_torchrun
 
         if params.train.processes > 1 and not under_torchrun():
             # train.processes > 1: relaunch this script under torchrun, one process per GPU.
@@ -34,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = context_from_env()
 
-        from simprop.tracking import stage_run
-        from simprop.training import Trainer
+        with span("imports"):
+            from simprop.tracking import stage_run
+            from simprop.training import Trainer
 
         try:
             if not ctx.is_main:  # rank > 0: train its share of each batch; rank 0 logs and writes
