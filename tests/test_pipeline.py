@@ -534,8 +534,12 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
     metrics = repo / "metrics" / "evaluate" / "canet_fold0.json"
     before = metrics.read_bytes()
     payload = torch.load(best, weights_only=True)
-    assert payload["identity"]["fold"] == 0 and payload["identity"]["protocol"] == "oslsm"
-    payload["identity"]["fold"] = 1
+    identity = payload.get("identity") or {}  # recorded by training (checked at the end)
+    assert payload["meta"]["fold"] == 0
+    payload["meta"]["fold"] = 1  # what a fold-1 checkpoint records
+    if identity:
+        assert identity["fold"] == 0 and identity["protocol"] == "oslsm"
+        identity["fold"] = 1
     saved = _swap_in(best, lambda p: torch.save(payload, p))
     try:
         result = run([sys.executable, "stages/evaluate.py", "--variant", "canet", "--fold", "0"], repo, check=False)
@@ -549,6 +553,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
     assert "models/canet/fold0/best.pt holds a 'canet' model of fold 1" in err
     assert "expected a 'canet' model of fold 0" in err and "fold 1 != expected 0" in err
     assert "1 aeroplane" in err  # what the fold-1 model has seen in training
+    assert identity, "training records the checkpoint's identity"
 
 
 class _RunsCode:
