@@ -87,6 +87,7 @@ class ImageStore:
         self.memoise = memoise
         self._images: dict[str, torch.Tensor] = {}
         self._labels: dict[str, np.ndarray] = {}
+        self._input_labels: dict[str, torch.Tensor] = {}
 
     def image(self, image_id: str) -> torch.Tensor:
         """The normalised network input [3, S, S]; memoised as uint8 (a quarter of float32's memory)."""
@@ -106,6 +107,19 @@ class ImageStore:
         if self.memoise:
             self._labels[image_id] = label
         return label
+
+    def input_label(self, image_id: str) -> torch.Tensor:
+        """The label resized (nearest) to the network input, [S, S] uint8; memoised.
+
+        Support masks and training targets are made from it for every episode and step an
+        image appears in; resizing once per image instead of once per use.
+        """
+        resized = self._input_labels.get(image_id)
+        if resized is None:
+            resized = resize_label(self.label(image_id), self.image_size)
+            if self.memoise:
+                self._input_labels[image_id] = resized
+        return resized
 
     def raw_image(self, image_id: str) -> np.ndarray:
         return read_image(self.paths.image(image_id))

@@ -41,24 +41,33 @@ from simprop.datasets import (
     ImageStore,
     read_episodes,
     read_pairs,
-    resize_label,
     support_mask,
 )
 from simprop.features import FeatureCache
 from simprop.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
 from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
-from simprop.params import Params
+from simprop.params import Params, ParamsError
 from simprop.precision import autocast
 from simprop.voc import fold_classes
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; explicit names are honoured (and checked)."""
+class DeviceUnavailable(ParamsError, RuntimeError):
+    """A device named in params (or on the command line) that this machine does not have.
+
+    A :class:`~simprop.params.ParamsError`, so a stage reports it as one line and exits 2."""
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; explicit names are honoured (and checked).
+
+    ``key`` names the parameter in the error (e.g. ``train.device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use auto or cpu")
+        raise DeviceUnavailable(
+            f"{key}: {name!r} was requested but CUDA is not available on this machine; set {key}: auto (or cpu)"
+        )
     return device
 
 
@@ -135,7 +144,7 @@ class EpisodeRunner:
 def support_masks(store: ImageStore, batch: list[Episode], device: torch.device) -> torch.Tensor:
     """[B, K, S, S] {0,1} masks of every episode's supports, for its support mask class."""
     size = store.image_size
-    masks = [support_mask(resize_label(store.label(s), size), e.support_mask_class) for e in batch for s in e.supports]
+    masks = [support_mask(store.input_label(s), e.support_mask_class) for e in batch for s in e.supports]
     return torch.stack(masks).to(device).view(len(batch), len(batch[0].supports), size, size)
 
 
@@ -157,6 +166,9 @@ def evaluate_predictions(predictions: Iterable[Prediction], classes: tuple[int, 
     for p in predictions:
         metrics.update(p.pred, p.label, p.episode.cls)
     return metrics
+
+
+COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default eps
 
 
 @dataclass
@@ -182,12 +194,21 @@ class PrototypeMatcher:
     void: str = "ignore"
     classes: tuple[int, ...] | None = None
 
+    _memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
     @torch.no_grad()
     def features(self, image_ids: list[str]) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache.get(image_ids).to(self.device)
-        images = torch.stack([self.store.image(i) for i in image_ids]).to(self.device)
-        return self.backbone(images).float()
+        """[N,C,h,w] float32 features; each image's are read (or computed) once and memoised,
+        as :class:`EpisodeRunner` does, since a test image appears in many episodes."""
+        missing = sorted({i for i in image_ids if i not in self._memo})
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            if self.cache is not None:
+                feats = self.cache.get(chunk)
+            else:
+                feats = self.backbone(torch.stack([self.store.image(i) for i in chunk]).to(self.device)).float()
+            self._memo.update(zip(chunk, feats.to(self.device)))
+        return torch.stack([self._memo[i] for i in image_ids])
 
     @torch.no_grad()
     def margins(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -198,9 +219,15 @@ class PrototypeMatcher:
         fg_empty, bg_empty = region_is_empty(flat_masks, tuple(supports.shape[-2:]))
         zf = average_shots(zf.view(batch, shots, -1), fg_empty.view(batch, shots))
         zb = average_shots(zb.view(batch, shots, -1), bg_empty.view(batch, shots))
-        cos_fg = F.cosine_similarity(query, zf[:, :, None, None], dim=1)
-        cos_bg = F.cosine_similarity(query, zb[:, :, None, None], dim=1)
-        return (cos_fg - cos_bg).unsqueeze(1)
+        # cos(F_q, Z^f) - cos(F_q, Z^b) = <F_q/|F_q|, Z^f/|Z^f| - Z^b/|Z^b|>: one pass over the
+        # query map instead of two broadcast cosine_similarity calls; norms clamped at 1e-8 as
+        # torch.nn.functional.cosine_similarity does (an empty region's zero prototype gives 0).
+        # (bmm and a squared sum: several times faster on the CPU than einsum or vector_norm here)
+        direction = zf / zf.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS) - zb / zb.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+        flat = query.flatten(2)  # [B,C,hw]
+        dot = torch.bmm(direction[:, None, :], flat)[:, 0]  # [B,hw]
+        query_norm = flat.square().sum(dim=1).sqrt().clamp_min(COSINE_EPS)
+        return (dot / query_norm).view(batch, 1, *query.shape[-2:])
 
     def predict(self, episodes: list[Episode], desc: str = "prototype matcher") -> Iterator[Prediction]:
         for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):

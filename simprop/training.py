@@ -40,7 +40,6 @@ from simprop.datasets import (
     binary_target,
     read_episodes,
     read_pairs,
-    resize_label,
     support_mask,
 )
 from simprop.distributed import DistContext, barrier, gather_across, init_process_group, mean_across
@@ -241,7 +240,7 @@ class Trainer:
         self.tracker = tracker
         self.spec = VARIANT_SPECS[variant]
         self.paths = TrainPaths(self.root, variant, fold)
-        self.device = init_process_group(self.dist, resolve_device(params.train.device))
+        self.device = init_process_group(self.dist, resolve_device(params.train.device, "train.device"))
         self.data = DataPaths(self.root / params.data.root)
         tp = params.train
         self.store = ImageStore(self.data, tp.image_size)
@@ -369,7 +368,6 @@ class Trainer:
         :func:`_sample_rng`, so a sample is the same whichever process builds it.
         """
         tp = self.params.train
-        size = tp.image_size
         support_ids, q_targets, s_masks, s_targets, s_images, gray, feed_history = [], [], [], [], [], [], []
         items = [self.pairs[i] for i in pair_ids]
         for index, (query, cls) in zip(indices, items):
@@ -378,8 +376,8 @@ class Trainer:
             support = candidates[int(rng.integers(len(candidates)))]
             support_ids.append(support)
             gray.append(bool(self.spec.ica and p_ica > 0 and rng.random() < p_ica))
-            q_targets.append(binary_target(resize_label(self.store.label(query), size), cls))
-            s_label = resize_label(self.store.label(support), size)
+            q_targets.append(binary_target(self.store.input_label(query), cls))
+            s_label = self.store.input_label(support)
             if tp.augment:
                 s_image, s_label = augment_support(self.store.image(support), s_label, tp.scale_min, tp.scale_max, rng)
                 s_images.append(s_image)

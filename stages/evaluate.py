@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             from simprop.visualize import save_qualitative
 
         root = Path(".")
-        device = resolve_device(params.evaluate.device)
+        device = resolve_device(params.evaluate.device, "evaluate.device")
         paths = TrainPaths(root, args.variant, args.fold)
         untrained = build_model(args.variant, params.model, init_seed=params.train.seed).to(device).eval()
         # the checkpoint must be this stage's: variant, fold, protocol, backbone and fold lists

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
             from simprop.tracking import stage_run
 
         with stage_run("features", params) as run:
-            manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device))
+            manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device, "train.device"))
             run.set_tags({"cache_enabled": manifest["enabled"], "image_size": manifest["image_size"]})
             if manifest["enabled"]:
                 run.log_metrics({"images": len(manifest["images"])})

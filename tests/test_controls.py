@@ -73,6 +73,24 @@ def test_matcher_averages_the_prototypes_of_its_shots_and_skips_empty_masks():
     torch.testing.assert_close(margin[:, :3], (cos(A, A) - cos(A, zb)).expand(4, 3))
 
 
+def test_matcher_margin_equals_the_two_cosine_similarities_on_random_features():
+    """The one-pass margin (unit query . (unit Z^f - unit Z^b)) is cos(F_q, Z^f) - cos(F_q, Z^b)
+    exactly as torch computes it, also when a region is empty (zero prototype -> cosine 0)."""
+    from simprop.model.prototypes import masked_average_pool
+
+    gen = torch.Generator().manual_seed(3)
+    query, supports = torch.randn(4, 64, 9, 9, generator=gen), torch.randn(4, 1, 64, 9, 9, generator=gen)
+    masks = (torch.rand(4, 1, 33, 33, generator=gen) > 0.6).float()
+    masks[0] = 0  # no foreground: Z^f is the zero vector
+    masks[1] = 1  # no background: Z^b is the zero vector
+    zf, zb = masked_average_pool(supports[:, 0], masks[:, 0])
+    expected = torch.nn.functional.cosine_similarity(query, zf[:, :, None, None], dim=1) - torch.nn.functional.cosine_similarity(
+        query, zb[:, :, None, None], dim=1
+    )
+    margin = matcher().margins(query, supports, masks)[:, 0]
+    assert (margin - expected).abs().max() <= 1e-5
+
+
 def test_matcher_end_to_end_on_cached_features_of_real_episodes(data_pipeline):
     """Through the evaluation's scoring path: features from a feature cache whose rows are the
     label maps themselves (one-hot per class), so the matcher must find exactly the class."""

@@ -118,3 +118,13 @@ def test_qualitative_panels_at_the_321_scoring_size(data_pipeline, setup, tmp_pa
     rows = qualitative_rows(params, runner, 0, layout.root.parent, 2)
     assert [r["query"].shape for r in rows] == [(321, 321, 3)] * 2 and rows[0]["pred"].shape == (321, 321)
     assert save_qualitative(rows, tmp_path / "q.png", title="321").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_on_a_machine_without_one_is_a_params_error_naming_the_key():
+    from simprop.evaluation import resolve_device
+    from simprop.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"evaluate\.device: 'cuda:0' .*set evaluate\.device: auto"):
+        resolve_device("cuda:0", "evaluate.device")
+    assert resolve_device("auto", "evaluate.device").type == "cpu"

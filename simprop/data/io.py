@@ -163,8 +163,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -35,7 +35,9 @@ def masked_average_pool(features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]
 
 def _weighted_mean(features: Tensor, weight: Tensor) -> Tensor:
     area = weight.sum(dim=(2, 3))  # [N,1]
-    total = (features * weight).sum(dim=(2, 3))  # [N,C]
+    # [N,C]: the sum of features * weight over the map, as one bmm (cheaper than multiply-then-sum)
+    dtype = torch.promote_types(features.dtype, weight.dtype)  # as features * weight would
+    total = torch.bmm(features.flatten(2).to(dtype), weight.flatten(2).transpose(1, 2).to(dtype))[..., 0]
     empty = area < AREA_EPS
     return torch.where(empty, torch.zeros_like(total), total / area.clamp_min(AREA_EPS))
 
