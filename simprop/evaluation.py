@@ -101,9 +101,8 @@ class EpisodeRunner:
         The frozen backbone and (in eval mode) the shared encoder conv are a function of the
         image alone, so an image that appears in many episodes is encoded once per evaluation.
         """
-        missing = sorted({i for i in image_ids if i not in self._features})
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
+
+        def encode(chunk: list[str]) -> torch.Tensor:
             if self.cache is not None:
                 backbone = self.cache.get(chunk).to(self.device)
             else:
@@ -113,25 +112,17 @@ class EpisodeRunner:
             with autocast(self.device, self.amp):
                 encoded = self.model.encode(backbone).to(torch.float16).cpu()
             self.feature_computations += len(chunk)
-            for image_id, feat in zip(chunk, encoded):
-                self._features[image_id] = feat
-        return torch.stack([self._features[i] for i in image_ids]).to(self.device, torch.float32)
+            return encoded
+
+        return memoised(image_ids, self._features, self.batch_size, encode).to(self.device, torch.float32)
 
     @torch.no_grad()
     def predict(self, episodes: list[Episode], desc: str = "episodes") -> Iterator[Prediction]:
         self.model.eval()
         size = self.store.image_size
-        for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):
-            batch = episodes[start : start + self.batch_size]
-            shots = len(batch[0].supports)
-            query_feats = self.features([e.query for e in batch])
-            support_feats = self.features([s for e in batch for s in e.supports])
-            support_feats = support_feats.view(len(batch), shots, *support_feats.shape[1:])
+        for batch, query, supports, masks in episode_batches(episodes, self.batch_size, self.features, self.store, self.device, desc):
             with autocast(self.device, self.amp):
-                logits = self.model(
-                    query_encoded=query_feats, support_encoded=support_feats, support_masks=support_masks(self.store, batch, self.device),
-                out_size=(size, size),
-            )["query"]  # fmt: skip
+                logits = self.model(query_encoded=query, support_encoded=supports, support_masks=masks, out_size=(size, size))["query"]
             # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
             # linear: upsample the one-channel margin instead of both logits (half the work).
             margins = (logits[:, 1:2] - logits[:, 0:1]).float()
@@ -139,6 +130,29 @@ class EpisodeRunner:
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:
         return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
+
+
+def memoised(image_ids: list[str], memo: dict[str, torch.Tensor], batch_size: int,
+             compute: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """[N, ...] features of ``image_ids``: the ones not in ``memo`` are computed ``batch_size`` at a
+    time by ``compute`` and kept there, so an image shared by many episodes is computed once."""
+    missing = sorted({i for i in image_ids if i not in memo})
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        memo.update(zip(chunk, compute(chunk)))
+    return torch.stack([memo[i] for i in image_ids])
+
+
+def episode_batches(episodes: list[Episode], batch_size: int, features: Callable[[list[str]], torch.Tensor],
+                    store: ImageStore, device: torch.device, desc: str):  # fmt: skip
+    """``(batch, query features [B,...], support features [B,K,...], support masks [B,K,S,S])`` per
+    batch of ``episodes`` (all with the same number of supports K), with a progress bar."""
+    for start in tqdm(range(0, len(episodes), batch_size), desc=desc, unit="batch", leave=False):
+        batch = episodes[start : start + batch_size]
+        query = features([e.query for e in batch])
+        supports = features([s for e in batch for s in e.supports])
+        supports = supports.view(len(batch), len(batch[0].supports), *supports.shape[1:])
+        yield batch, query, supports, support_masks(store, batch, device)
 
 
 def support_masks(store: ImageStore, batch: list[Episode], device: torch.device) -> torch.Tensor:
@@ -198,17 +212,14 @@ class PrototypeMatcher:
 
     @torch.no_grad()
     def features(self, image_ids: list[str]) -> torch.Tensor:
-        """[N,C,h,w] float32 features; each image's are read (or computed) once and memoised,
-        as :class:`EpisodeRunner` does, since a test image appears in many episodes."""
-        missing = sorted({i for i in image_ids if i not in self._memo})
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
+        """[N,C,h,w] float32 features; each image's are read (or computed) once (:func:`memoised`)."""
+
+        def read(chunk: list[str]) -> torch.Tensor:
             if self.cache is not None:
-                feats = self.cache.get(chunk)
-            else:
-                feats = self.backbone(torch.stack([self.store.image(i) for i in chunk]).to(self.device)).float()
-            self._memo.update(zip(chunk, feats.to(self.device)))
-        return torch.stack([self._memo[i] for i in image_ids])
+                return self.cache.get(chunk).to(self.device)
+            return self.backbone(torch.stack([self.store.image(i) for i in chunk]).to(self.device)).float()
+
+        return memoised(image_ids, self._memo, self.batch_size, read)
 
     @torch.no_grad()
     def margins(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -230,14 +241,8 @@ class PrototypeMatcher:
         return (dot / query_norm).view(batch, 1, *query.shape[-2:])
 
     def predict(self, episodes: list[Episode], desc: str = "prototype matcher") -> Iterator[Prediction]:
-        for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):
-            batch = episodes[start : start + self.batch_size]
-            shots = len(batch[0].supports)
-            query = self.features([e.query for e in batch])
-            supports = self.features([s for e in batch for s in e.supports])
-            supports = supports.view(len(batch), shots, *supports.shape[1:])
-            margins = self.margins(query, supports, support_masks(self.store, batch, self.device))
-            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
+        for batch, query, supports, masks in episode_batches(episodes, self.batch_size, self.features, self.store, self.device, desc):
+            yield from score_margins(self.store, batch, self.margins(query, supports, masks), resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "prototype matcher") -> EpisodeMetrics:
         return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)

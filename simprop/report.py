@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from simprop import paper
-from simprop.data.io import atomic_write_text
+from simprop.atomic import write_text
 from simprop.metrics import mean_std
 from simprop.params import Params
 from simprop.visualize import save_figure
@@ -611,7 +611,7 @@ def write_csv(rows: list[Row], path: Path) -> None:
     import pandas as pd
 
     frame = pd.DataFrame([r.as_dict() for r in rows], columns=CSV_COLUMNS)
-    atomic_write_text(path, frame.to_csv(index=False, float_format="%.4f"))
+    write_text(path, frame.to_csv(index=False, float_format="%.4f"))
 
 
 # --------------------------------------------------------------------------- figures
@@ -815,7 +815,7 @@ def build_report(params: Params, root: str | Path = ".") -> ReportOutputs:
     reports.mkdir(parents=True, exist_ok=True)
 
     tables_md = reports / "tables.md"
-    atomic_write_text(tables_md, render_markdown(params, results, tables, analysis_sections(root), root))
+    write_text(tables_md, render_markdown(params, results, tables, analysis_sections(root), root))
     csvs = {}
     for name, rows in tables.items():
         csvs[name] = reports / f"{name}.csv"
@@ -827,5 +827,5 @@ def build_report(params: Params, root: str | Path = ".") -> ReportOutputs:
     }
     summary = report_summary(params, results, tables)
     summary_json = root / "metrics" / "report.json"
-    atomic_write_text(summary_json, json.dumps(summary, indent=2) + "\n")
+    write_text(summary_json, json.dumps(summary, indent=2) + "\n")
     return ReportOutputs(tables_md, csvs, figures, summary_json, summary, tables)

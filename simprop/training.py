@@ -50,9 +50,9 @@ from simprop.model import build_model, dual_prediction_loss, save_checkpoint
 from simprop.model.checkpoint import (
     CheckpointIdentity,
     CorruptCheckpointError,
+    expected_identity,
     load_training_state,
     save_training_state,
-    splits_digest,
 )
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
 from simprop.params import Params, ParamsError
@@ -281,10 +281,7 @@ class Trainer:
             },
         )
         # What best.pt / last.pt record they were trained as (checked by every loader)
-        self.identity = CheckpointIdentity(
-            variant=variant, fold=fold, protocol=params.splits.protocol,
-            backbone_sha256=backbone_sha256, splits_sha256=splits_digest(self.data.root, fold),
-        )  # fmt: skip
+        self.identity = expected_identity(params, variant, fold, self.root, backbone_sha256)
         warning = amp_warning(self.device, tp.amp)
         if warning and self.dist.is_main:
             print(f"warning: {warning}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from simprop.atomic import write_text
 from simprop.data.errors import DataError, LabelError
 from simprop.data.voc import IGNORE, NUM_CLASSES
 
@@ -159,16 +160,8 @@ def install_tree(target: Path, build: Callable[[Path], object]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:  # a full disk or an interrupt: no half-written temp file left behind
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` through a temporary file renamed into place (:mod:`simprop.atomic`)."""
+    write_text(path, text)
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
