@@ -43,7 +43,7 @@ def data_repo(tmp_path, tiny_synthetic) -> tuple[Path, dict[str, str]]:
     for name in DATA_STAGES:
         shutil.copy(REPO_ROOT / "stages" / f"{name}.py", repo / "stages")
     (repo / "simprop").mkdir()
-    for name in ("__init__.py", "params.py", "voc.py", "tracking.py", "stage.py"):
+    for name in ("__init__.py", "params.py", "voc.py", "tracking.py", "stage.py", "atomic.py"):
         shutil.copy(REPO_ROOT / "simprop" / name, repo / "simprop")
     shutil.copytree(REPO_ROOT / "simprop" / "data", repo / "simprop" / "data",
                     ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
