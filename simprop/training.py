@@ -55,6 +55,7 @@ from simprop.model.checkpoint import (
     save_training_state,
 )
 from simprop.model.ica import apply_input_channel_averaging, ica_probability
+from simprop.optim import SGD
 from simprop.params import Params, ParamsError
 from simprop.precision import amp_warning, autocast, needs_grad_scaler
 
@@ -135,7 +136,7 @@ def _file_digest(path: Path) -> str:
 
 # The code that shapes a training (the train stage's code deps in dvc.yaml): when DVC reruns
 # the stage because one of them changed, the old last.pt must not be resumed.
-TRAINING_CODE = ("training.py", "distributed.py", "evaluation.py", "datasets.py", "features.py", "metrics.py", "model")
+TRAINING_CODE = ("training.py", "optim.py", "distributed.py", "evaluation.py", "datasets.py", "features.py", "metrics.py", "model")
 
 
 def training_code_digest() -> str:
@@ -266,9 +267,8 @@ class Trainer:
                     f"train.cache_backbone_features is true but {self.data.features} holds no cache for "
                     f"image size {tp.image_size}; run `dvc repro features` first"
                 )
-        self.optimizer = torch.optim.SGD(
-            self.model.trainable_parameters(), lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay
-        )
+        # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
+        self.optimizer = SGD(self.model.trainable_parameters(), lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
         self.fingerprint = run_fingerprint(
             params,
             variant,

@@ -1,0 +1,119 @@
+"""SGD with momentum and weight decay: the update ``torch.optim.SGD`` makes, without its import cost.
+
+Why not ``torch.optim.SGD`` itself: every ``torch.optim`` optimizer wraps its methods in
+``torch._disable_dynamo``, so constructing one imports ``torch._dynamo`` -- about 2 s of every
+train stage process on a 2-core CPU (``python3 -c "import torch, time; t = time.time();
+import torch._dynamo; print(time.time() - t)"``), i.e. ~40 s of a default ``dvc repro``
+spent before the first step of twenty trainings that never compile anything.
+
+The update is the one of ``torch/optim/sgd.py`` ``_single_tensor_sgd`` (the path torch takes
+for CPU tensors; CANet's ``train.py`` and PFENet's ``train.py`` train with ``torch.optim.SGD``),
+with nesterov off and ``maximize`` off, as the trainer uses it::
+
+    g = grad + weight_decay * p
+    b = g (first step), else b = momentum * b + (1 - dampening) * g
+    p = p - lr * b
+
+``tests/test_optim.py`` checks the parameters match ``torch.optim.SGD`` bit for bit over many
+steps (constant and changing learning rate, parameters without gradients) and that the two
+load each other's ``state_dict`` (the same format: ``{"state": {index: {"momentum_buffer":
+tensor}}, "param_groups": [{..., "params": [indices]}]}``). ``torch.amp.GradScaler`` drives it
+like any optimizer: it reads ``param_groups`` and calls :meth:`SGD.step`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+
+class SGD:
+    """Stochastic gradient descent with momentum and (L2) weight decay; one parameter group.
+
+    ``param_groups[0]["lr"]`` may be changed between steps (the trainer's learning-rate
+    schedule does), as with ``torch.optim``.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0) -> None:  # fmt: skip
+        for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"SGD: {name} must be a finite number >= 0, got {value!r}")
+        params = list(params)
+        if not params:
+            raise ValueError("SGD got an empty parameter list (no trainable parameters)")
+        self.param_groups: list[dict[str, Any]] = [{
+            "params": params, "lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
+            "weight_decay": float(weight_decay), "nesterov": False, "maximize": False,
+        }]  # fmt: skip
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_()
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient (the others are left as they are)."""
+        for group in self.param_groups:
+            lr, momentum, dampening, decay = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if decay != 0:
+                    grad = grad.add(p, alpha=decay)
+                if momentum != 0:
+                    state = self.state.setdefault(p, {})
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = grad.detach().clone()
+                    else:
+                        buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+                    grad = buf
+                p.add_(grad, alpha=-lr)
+
+    # ------------------------------------------------------------------ state (torch.optim's format)
+
+    def state_dict(self) -> dict[str, Any]:
+        index = {p: n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {
+            "state": {index[p]: {k: v for k, v in s.items()} for p, s in self.state.items() if p in index},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
+                             for g in self.param_groups],  # fmt: skip
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore hyperparameters and momentum buffers saved by this class or ``torch.optim.SGD``."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError("optimizer state has a different number of parameter groups than this optimizer")
+        for saved, group in zip(groups, self.param_groups):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(
+                    f"optimizer state holds {len(saved.get('params', ()))} parameters, this optimizer "
+                    f"{len(group['params'])}: it belongs to another network"
+                )
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in groups for i in g["params"]]
+        for saved, group in zip(groups, self.param_groups):
+            for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
+                if key in saved:
+                    group[key] = saved[key]
+        if any(g.get("nesterov") or g.get("maximize") for g in self.param_groups):
+            raise ValueError("optimizer state uses nesterov or maximize, which simprop.optim.SGD does not implement")
+        self.state = {}
+        for saved_id, p in zip(saved_ids, params):
+            entry = state_dict.get("state", {}).get(saved_id)
+            if entry and entry.get("momentum_buffer") is not None:
+                self.state[p] = {"momentum_buffer": entry["momentum_buffer"].to(device=p.device, dtype=p.dtype).clone()}
