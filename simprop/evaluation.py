@@ -44,7 +44,7 @@ from simprop.datasets import (
     support_mask,
 )
 from simprop.features import FeatureCache
-from simprop.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
+from simprop.metrics import EpisodeMetrics, aggregate_seeds, confusion_counts_many, scoring_label
 from simprop.model.prototypes import average_shots, masked_average_pool, region_is_empty
 from simprop.params import Params, ParamsError
 from simprop.precision import autocast
@@ -76,6 +76,7 @@ class Prediction:
     episode: Episode
     pred: np.ndarray  # bool [H, W] at the scoring size (the original label's, or 321 x 321)
     label: np.ndarray  # uint8 {0, 1, 255} episode label at that size (see simprop.metrics.scoring_label)
+    counts: np.ndarray | None = None  # (TP, FP, FN, TN) of pred vs label, when already counted
 
 
 @dataclass
@@ -167,18 +168,33 @@ def score_margins(
 ) -> Iterator[Prediction]:
     """Predictions of ``batch`` from foreground-minus-background margins [B,1,h,w]: each is
     upsampled bilinearly to the size of the label it is scored against (the query's own, or
-    321 x 321; :func:`simprop.metrics.scoring_label`) and thresholded at 0."""
-    for episode, margin in zip(batch, margins):
-        label = scoring_label(store.label(episode.query), episode.cls, resolution=resolution, void=void)
-        full = F.interpolate(margin[None], size=label.shape, mode="bilinear", align_corners=True)
-        yield Prediction(episode, (full[0, 0] > 0).cpu().numpy(), label)
+    321 x 321; :func:`simprop.metrics.scoring_label`) and thresholded at 0.
+
+    Episodes whose labels share a size are upsampled and counted in one call each (bilinear
+    interpolation treats every sample of a batch on its own, so this is the per-episode result,
+    bit for bit; the counts are :func:`~simprop.metrics.confusion_counts_many`'s)."""
+    labels = [scoring_label(store.label(e.query), e.cls, resolution=resolution, void=void) for e in batch]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for n, label in enumerate(labels):
+        by_size.setdefault(label.shape, []).append(n)
+    out: list[Prediction | None] = [None] * len(batch)
+    for size, rows in by_size.items():
+        full = F.interpolate(margins[rows], size=size, mode="bilinear", align_corners=True)
+        preds = (full[:, 0] > 0).cpu().numpy()
+        counts = confusion_counts_many(preds, np.stack([labels[n] for n in rows]))  # one pass per size
+        for n, pred, count in zip(rows, preds, counts):
+            out[n] = Prediction(batch[n], pred, labels[n], count)
+    yield from out
 
 
 def evaluate_predictions(predictions: Iterable[Prediction], classes: tuple[int, ...] | None = None) -> EpisodeMetrics:
     """Pool predictions; ``classes``: the fold's classes the mIoU is a mean over (missing ones count 0)."""
     metrics = EpisodeMetrics(classes)
     for p in predictions:
-        metrics.update(p.pred, p.label, p.episode.cls)
+        if p.counts is not None:
+            metrics.add_counts(p.counts, p.episode.cls)
+        else:
+            metrics.update(p.pred, p.label, p.episode.cls)
     return metrics
 
 
@@ -209,6 +225,8 @@ class PrototypeMatcher:
     classes: tuple[int, ...] | None = None
 
     _memo: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _prototypes: dict[tuple[str, int], tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
+    _queries: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @torch.no_grad()
     def features(self, image_ids: list[str]) -> torch.Tensor:
@@ -225,27 +243,80 @@ class PrototypeMatcher:
     def margins(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Margins [B,1,h,w] of query features [B,C,h,w], supports [B,K,C,h,w], masks [B,K,S,S]."""
         batch, shots = masks.shape[:2]
-        flat_masks = masks.flatten(0, 1)
-        zf, zb = masked_average_pool(supports.flatten(0, 1), flat_masks)
-        fg_empty, bg_empty = region_is_empty(flat_masks, tuple(supports.shape[-2:]))
-        zf = average_shots(zf.view(batch, shots, -1), fg_empty.view(batch, shots))
-        zb = average_shots(zb.view(batch, shots, -1), bg_empty.view(batch, shots))
-        # cos(F_q, Z^f) - cos(F_q, Z^b) = <F_q/|F_q|, Z^f/|Z^f| - Z^b/|Z^b|>: one pass over the
-        # query map instead of two broadcast cosine_similarity calls; norms clamped at 1e-8 as
-        # torch.nn.functional.cosine_similarity does (an empty region's zero prototype gives 0).
-        # (bmm and a squared sum: several times faster on the CPU than einsum or vector_norm here)
-        direction = zf / zf.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS) - zb / zb.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+        zf, zb, fg_empty, bg_empty = support_prototypes(supports.flatten(0, 1), masks.flatten(0, 1))
+        direction = prototype_direction(zf.view(batch, shots, -1), zb.view(batch, shots, -1),
+                                        fg_empty.view(batch, shots), bg_empty.view(batch, shots))  # fmt: skip
         flat = query.flatten(2)  # [B,C,hw]
         dot = torch.bmm(direction[:, None, :], flat)[:, 0]  # [B,hw]
-        query_norm = flat.square().sum(dim=1).sqrt().clamp_min(COSINE_EPS)
-        return (dot / query_norm).view(batch, 1, *query.shape[-2:])
+        return (dot / query_norm(flat)).view(batch, 1, *query.shape[-2:])
+
+    @torch.no_grad()
+    def support_prototypes(self, keys: list[tuple[str, int]]) -> tuple[torch.Tensor, ...]:
+        """(Z^f [N,C], Z^b [N,C], foreground empty [N], background empty [N]) of the supports
+        ``keys`` = (image id, mask class), each pooled once per evaluation: a support's
+        prototypes depend on its image and class alone, and a support image appears in many
+        episodes (five times over at 5-shot), so pooling once replaces stacking its whole
+        feature map into every batch it is in (the matcher's main cost before)."""
+        missing = sorted({k for k in keys if k not in self._prototypes})
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            features = self.features([image_id for image_id, _ in chunk])
+            masks = torch.stack([support_mask(self.store.input_label(i), c) for i, c in chunk]).to(self.device)
+            pooled = support_prototypes(features, masks)
+            self._prototypes.update(zip(chunk, zip(*pooled)))
+        return tuple(torch.stack(column) for column in zip(*(self._prototypes[k] for k in keys)))
+
+    @torch.no_grad()
+    def query(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat features [C,hw], their per-pixel norms [hw]) of a query image, computed once."""
+        if image_id not in self._queries:
+            flat = self.features([image_id])[0].flatten(1)
+            self._queries[image_id] = (flat, query_norm(flat[None])[0])
+        return self._queries[image_id]
 
     def predict(self, episodes: list[Episode], desc: str = "prototype matcher") -> Iterator[Prediction]:
-        for batch, query, supports, masks in episode_batches(episodes, self.batch_size, self.features, self.store, self.device, desc):
-            yield from score_margins(self.store, batch, self.margins(query, supports, masks), resolution=self.resolution, void=self.void)
+        for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):
+            batch = episodes[start : start + self.batch_size]
+            shots = len(batch[0].supports)
+            zf, zb, fg_empty, bg_empty = self.support_prototypes(
+                [(s, e.support_mask_class) for e in batch for s in e.supports]
+            )
+            direction = prototype_direction(zf.view(len(batch), shots, -1), zb.view(len(batch), shots, -1),
+                                            fg_empty.view(len(batch), shots), bg_empty.view(len(batch), shots))  # fmt: skip
+            rows = []
+            for d, episode in zip(direction, batch):  # [C] . [C,hw]: one small product per episode
+                flat, norm = self.query(episode.query)
+                rows.append((d[None] @ flat)[0] / norm)
+            margins = torch.stack(rows).view(len(batch), 1, *self._memo[batch[0].query].shape[-2:])
+            yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "prototype matcher") -> EpisodeMetrics:
         return evaluate_predictions(self.predict(episodes, desc=desc), self.classes)
+
+
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(Z^f, Z^b, foreground empty, background empty) of supports [N,C,h,w] with masks [N,S,S]:
+    eq. 1's :func:`~simprop.model.prototypes.masked_average_pool` and which regions are empty."""
+    zf, zb = masked_average_pool(features, masks)
+    fg_empty, bg_empty = region_is_empty(masks, tuple(features.shape[-2:]))
+    return zf, zb, fg_empty, bg_empty
+
+
+def prototype_direction(zf: torch.Tensor, zb: torch.Tensor, fg_empty: torch.Tensor, bg_empty: torch.Tensor) -> torch.Tensor:
+    """``Z^f/|Z^f| - Z^b/|Z^b|`` [B,C] of the shots' averaged prototypes (eq. 4; [B,K,C] in,
+    empty regions [B,K] left out of the mean).
+
+    cos(F_q, Z^f) - cos(F_q, Z^b) = <F_q/|F_q|, Z^f/|Z^f| - Z^b/|Z^b|>: one pass over the query
+    map instead of two broadcast cosine_similarity calls; norms are clamped at 1e-8 as
+    torch.nn.functional.cosine_similarity does (an empty region's zero prototype gives 0)."""
+    zf, zb = average_shots(zf, fg_empty), average_shots(zb, bg_empty)
+    return zf / zf.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS) - zb / zb.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
+
+
+def query_norm(flat: torch.Tensor) -> torch.Tensor:
+    """Per-pixel feature norms [B,hw] of [B,C,hw], clamped like cosine_similarity (a squared sum:
+    several times faster on the CPU than einsum or vector_norm here)."""
+    return flat.square().sum(dim=1).sqrt().clamp_min(COSINE_EPS)
 
 
 def all_foreground_metrics(

@@ -140,6 +140,24 @@ def confusion_counts(pred: Any, label: Any) -> tuple[int, int, int, int]:
     return tp, fp, fn, tn
 
 
+def confusion_counts_many(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[B, 4] int64 (TP, FP, FN, TN) of B predictions [B, H, W] against episode labels [B, H, W]
+    of one size: :func:`confusion_counts` of each, counted in one vectorised pass."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.shape != labels.shape or preds.ndim != 3:
+        raise ValueError(f"predictions {preds.shape} and labels {labels.shape} must both be [B, H, W] of one size")
+    valid = labels != IGNORE_INDEX
+    if np.any((labels != 0) & (labels != 1) & valid):
+        raise ValueError(_NOT_EPISODE_LABEL)
+    p = (preds != 0) & valid
+    g = (labels == 1) & valid
+    tp = np.count_nonzero(p & g, axis=(1, 2))
+    fp = np.count_nonzero(p & ~g, axis=(1, 2))
+    fn = np.count_nonzero(g & ~p, axis=(1, 2))
+    tn = np.count_nonzero(valid, axis=(1, 2)) - tp - fp - fn
+    return np.stack([tp, fp, fn, tn], axis=1).astype(np.int64)
+
+
 _NOT_EPISODE_LABEL = (
     "label has values other than 0, 1 and 255: it looks like a VOC class map; "
     "convert it with simprop.metrics.episode_label(label, class_id)"
@@ -170,12 +188,19 @@ class EpisodeMetrics:
 
     def update(self, pred: Any, label: Any, class_id: int) -> None:
         """Add one episode: binary ``pred`` and episode ``label`` (0/1/255) of target ``class_id``."""
+        self.add_counts(confusion_counts(pred, label), class_id)
+
+    def add_counts(self, counts: Sequence[int], class_id: int) -> None:
+        """Add one episode already counted: (TP, FP, FN, TN) as :func:`confusion_counts` gives them
+        (or a row of :func:`confusion_counts_many`)."""
         cid = int(class_id)
         if not 1 <= cid <= NUM_CLASSES:
             raise ValueError(f"class_id must be a VOC id in 1..{NUM_CLASSES}, got {class_id}")
         if self.classes is not None and cid not in self.classes:
             raise ValueError(f"class_id {cid} is not one of this accumulator's classes {list(self.classes)}")
-        self._counts[cid] += confusion_counts(pred, label)
+        if len(counts) != 4 or any(int(c) < 0 for c in counts):
+            raise ValueError(f"counts must be four non-negative numbers (TP, FP, FN, TN), got {list(counts)}")
+        self._counts[cid] += np.asarray(counts, dtype=np.int64)
         self._episodes[cid] += 1
 
     def update_many(self, preds: Iterable[Any], labels: Iterable[Any], class_ids: Iterable[int]) -> None:

@@ -128,3 +128,37 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_params_error_naming_the_key
     with pytest.raises(ParamsError, match=r"evaluate\.device: 'cuda:0' .*set evaluate\.device: auto"):
         resolve_device("cuda:0", "evaluate.device")
     assert resolve_device("auto", "evaluate.device").type == "cpu"
+
+
+def test_batched_scoring_equals_scoring_each_episode_on_its_own():
+    """score_margins upsamples and counts the episodes of one label size together; the result is
+    the per-episode upsampling + confusion_counts, bit for bit, also when sizes differ in a batch."""
+    from simprop.datasets import Episode
+    from simprop.evaluation import evaluate_predictions, score_margins
+    from simprop.metrics import confusion_counts, scoring_label
+
+    rng = np.random.default_rng(4)
+    sizes = {"a": (96, 128), "b": (50, 70), "c": (96, 128), "d": (50, 70), "e": (33, 33)}
+    labels = {k: rng.choice([0, 3, 255], size=hw, p=[0.5, 0.4, 0.1]).astype(np.uint8) for k, hw in sizes.items()}
+
+    class Labels:  # score_margins reads only store.label(query id)
+        def label(self, image_id):
+            return labels[image_id]
+
+    batch = [Episode(index=n, query=k, supports=("x",), cls=3) for n, k in enumerate(sizes)]
+    margins = torch.randn(len(batch), 1, 9, 9, generator=torch.Generator().manual_seed(0))
+    for resolution in ("original", "321"):
+        got = list(score_margins(Labels(), batch, margins, resolution=resolution))
+        for n, (episode, p) in enumerate(zip(batch, got)):
+            target = scoring_label(labels[episode.query], 3, resolution=resolution)
+            full = torch.nn.functional.interpolate(margins[n][None], size=target.shape, mode="bilinear", align_corners=True)
+            pred = (full[0, 0] > 0).numpy()
+            assert p.episode is episode
+            np.testing.assert_array_equal(p.pred, pred)
+            np.testing.assert_array_equal(p.label, target)
+            assert tuple(int(v) for v in p.counts) == confusion_counts(pred, target)
+        counted = evaluate_predictions(got, (1, 2, 3, 4, 5)).summary()
+        recount = EpisodeMetrics((1, 2, 3, 4, 5))
+        for p in got:
+            recount.update(p.pred, p.label, 3)
+        assert counted == recount.summary()

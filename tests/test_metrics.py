@@ -10,6 +10,7 @@ from simprop.metrics import (
     EpisodeMetrics,
     aggregate_seeds,
     confusion_counts,
+    confusion_counts_many,
     episode_label,
     mean_std,
     scoring_label,
@@ -56,6 +57,28 @@ def test_shape_mismatch_and_raw_label_are_rejected():
         confusion_counts(np.zeros((1, 4)), raw)
     np.testing.assert_array_equal(episode_label(raw, 7), [[0, 1, 1, 255]])
     np.testing.assert_array_equal(episode_label(torch.tensor(raw), 7).numpy(), [[0, 1, 1, 255]])
+
+
+def test_batched_counts_equal_the_per_episode_counts_and_check_the_same_things():
+    rng = np.random.default_rng(1)
+    labels = rng.choice([0, 1, 255], size=(7, 19, 23)).astype(np.uint8)
+    labels[3] = 255  # an all-void episode counts nothing
+    preds = rng.integers(0, 2, size=(7, 19, 23)).astype(bool)
+    many = confusion_counts_many(preds, labels)
+    assert many.shape == (7, 4) and many.dtype == np.int64
+    assert [tuple(int(v) for v in row) for row in many] == [confusion_counts(p, l) for p, l in zip(preds, labels)]
+    assert tuple(many[3]) == (0, 0, 0, 0)
+    with pytest.raises(ValueError, match="episode_label"):
+        confusion_counts_many(preds, np.full((7, 19, 23), 7, np.uint8))
+    with pytest.raises(ValueError, match="one size"):
+        confusion_counts_many(preds, labels[:, :-1])
+    a, b = EpisodeMetrics(), EpisodeMetrics()
+    for p, l, row in zip(preds, labels, many):
+        a.update(p, l, 5)
+        b.add_counts(row, 5)
+    assert a.summary() == b.summary()
+    with pytest.raises(ValueError, match="four non-negative"):
+        b.add_counts((1, 2, 3), 5)
 
 
 def _episode(tp, fp, fn, tn, void=0):
