@@ -1,0 +1,109 @@
+"""Where a default training step's time goes, and whether the projection conv has a faster layout.
+
+Needs the default pipeline's data and feature cache (``dvc repro features episodes``). Two parts:
+
+1. for each variant, a :class:`simprop.training.Trainer` built from ``params.yaml`` (fold 0) runs
+   ``WARMUP`` untimed steps, then ``--steps`` timed steps (ms/step), then ``--profile-steps`` steps under
+   ``torch.profiler``: the share of the shared encoder projection's convolution (1536 input
+   channels, forward and backward) in the profiled CPU time;
+2. that convolution alone (batch 16 = 8 queries + 8 supports, the cached 9 x 9 feature maps,
+   ``model.channels`` outputs, 3 x 3, dilation 1 and 2) forward + backward, contiguous vs
+   channels-last input.
+
+Usage: ``python3 benchmarks/bench_train_step.py [--variants canet simpropnet] [--out step.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WARMUP = 20  # untimed steps first: with 5, the first variant in a process ran ~40 % slower
+sys.path.insert(0, str(ROOT))
+
+
+def step_breakdown(variant: str, steps: int, profile_steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from simprop.params import load_params
+    from simprop.training import Trainer, _epoch_order
+
+    params = load_params(ROOT / "params.yaml")
+    trainer = Trainer(params, variant, 0, ROOT)
+    tp = params.train
+    order = _epoch_order(tp.seed, 0, len(trainer.pairs), (WARMUP + steps + profile_steps) * tp.batch_size)
+    trainer.model.train()
+
+    def step(it: int) -> None:
+        indices = list(range(it * tp.batch_size, (it + 1) * tp.batch_size))
+        trainer._step(trainer._batch(0, indices, [int(i) for i in order[indices]], tp.ica_initial_p))
+
+    for it in range(WARMUP):
+        step(it)
+    started = time.perf_counter()
+    for it in range(WARMUP, WARMUP + steps):
+        step(it)
+    ms_per_step = (time.perf_counter() - started) / steps * 1000
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for it in range(WARMUP + steps, WARMUP + steps + profile_steps):
+            step(it)
+    total = projection = 0.0
+    for event in prof.key_averages(group_by_input_shape=True):
+        total += event.self_cpu_time_total
+        shapes = str(event.input_shapes)
+        if event.key in ("aten::mkldnn_convolution", "aten::convolution_backward") and ", 1536, 3, 3]" in shapes:
+            projection += event.self_cpu_time_total
+    return {"variant": variant, "ms_per_step": round(ms_per_step, 1), "projection_conv_share": round(projection / total, 3)}
+
+
+def projection_conv(channels: int, reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(16, 1536, 9, 9)
+    rows = []
+    for dilation in (1, 2):
+        conv = torch.nn.Conv2d(1536, channels, 3, padding=dilation, dilation=dilation)
+        for layout, inp in (("contiguous", x), ("channels_last", x.contiguous(memory_format=torch.channels_last))):
+            def once() -> None:
+                conv(inp).contiguous().square().sum().backward()
+
+            for _ in range(3):
+                once()
+            started = time.perf_counter()
+            for _ in range(reps):
+                once()
+            rows.append({"dilation": dilation, "layout": layout, "ms": round((time.perf_counter() - started) / reps * 1000, 2)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["canet", "simpropnet"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--profile-steps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    from simprop.params import load_params
+
+    result = {
+        "threads": torch.get_num_threads(),
+        "steps": [step_breakdown(v, args.steps, args.profile_steps) for v in args.variants],
+        "projection_conv": projection_conv(load_params(ROOT / "params.yaml").model.channels, args.reps),
+    }
+    for row in result["steps"]:
+        print(f"{row['variant']:<12} {row['ms_per_step']:7.1f} ms/step   projection conv {row['projection_conv_share']:.0%} of profiled CPU time")
+    for row in result["projection_conv"]:
+        print(f"projection conv, dilation {row['dilation']}, {row['layout']:<14} {row['ms']:6.2f} ms forward + backward")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
