@@ -126,35 +126,27 @@ def confusion_counts(pred: Any, label: Any) -> tuple[int, int, int, int]:
         )
         tp, fp, fn, tn = (int(v) for v in counts.tolist())
         return tp, fp, fn, tn
-    pred = np.asarray(pred)
-    label = np.asarray(label)
-    valid = label != IGNORE_INDEX
-    if np.any((label != 0) & (label != 1) & valid):
-        raise ValueError(_NOT_EPISODE_LABEL)
-    p = (pred != 0) & valid
-    g = (label == 1) & valid
-    tp = int(np.count_nonzero(p & g))
-    fp = int(np.count_nonzero(p & ~g))
-    fn = int(np.count_nonzero(g & ~p))
-    tn = int(np.count_nonzero(valid)) - tp - fp - fn
-    return tp, fp, fn, tn
+    tp, fp, fn, tn = confusion_counts_many(np.asarray(pred)[None], np.asarray(label)[None])[0]
+    return int(tp), int(fp), int(fn), int(tn)
 
 
 def confusion_counts_many(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[B, 4] int64 (TP, FP, FN, TN) of B predictions [B, H, W] against episode labels [B, H, W]
-    of one size: :func:`confusion_counts` of each, counted in one vectorised pass."""
+    of one size, counted in one vectorised pass (:func:`confusion_counts` of one numpy episode
+    is this with B = 1)."""
     preds, labels = np.asarray(preds), np.asarray(labels)
-    if preds.shape != labels.shape or preds.ndim != 3:
+    if preds.shape != labels.shape or preds.ndim < 2:
         raise ValueError(f"predictions {preds.shape} and labels {labels.shape} must both be [B, H, W] of one size")
     valid = labels != IGNORE_INDEX
     if np.any((labels != 0) & (labels != 1) & valid):
         raise ValueError(_NOT_EPISODE_LABEL)
     p = (preds != 0) & valid
     g = (labels == 1) & valid
-    tp = np.count_nonzero(p & g, axis=(1, 2))
-    fp = np.count_nonzero(p & ~g, axis=(1, 2))
-    fn = np.count_nonzero(g & ~p, axis=(1, 2))
-    tn = np.count_nonzero(valid, axis=(1, 2)) - tp - fp - fn
+    pixels = tuple(range(1, preds.ndim))  # every axis but the episode axis
+    tp = np.count_nonzero(p & g, axis=pixels)
+    fp = np.count_nonzero(p & ~g, axis=pixels)
+    fn = np.count_nonzero(g & ~p, axis=pixels)
+    tn = np.count_nonzero(valid, axis=pixels) - tp - fp - fn
     return np.stack([tp, fp, fn, tn], axis=1).astype(np.int64)
 
 
