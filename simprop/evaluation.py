@@ -243,9 +243,7 @@ class PrototypeMatcher:
     def margins(self, query: torch.Tensor, supports: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Margins [B,1,h,w] of query features [B,C,h,w], supports [B,K,C,h,w], masks [B,K,S,S]."""
         batch, shots = masks.shape[:2]
-        zf, zb, fg_empty, bg_empty = support_prototypes(supports.flatten(0, 1), masks.flatten(0, 1))
-        direction = prototype_direction(zf.view(batch, shots, -1), zb.view(batch, shots, -1),
-                                        fg_empty.view(batch, shots), bg_empty.view(batch, shots))  # fmt: skip
+        direction = prototype_direction(support_prototypes(supports.flatten(0, 1), masks.flatten(0, 1)), shots)
         flat = query.flatten(2)  # [B,C,hw]
         dot = torch.bmm(direction[:, None, :], flat)[:, 0]  # [B,hw]
         return (dot / query_norm(flat)).view(batch, 1, *query.shape[-2:])
@@ -268,26 +266,22 @@ class PrototypeMatcher:
 
     @torch.no_grad()
     def query(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat features [C,hw], their per-pixel norms [hw]) of a query image, computed once."""
+        """(flat features [C,hw], their per-pixel norms [h,w]) of a query image, computed once."""
         if image_id not in self._queries:
-            flat = self.features([image_id])[0].flatten(1)
-            self._queries[image_id] = (flat, query_norm(flat[None])[0])
+            features = self.features([image_id])  # [1,C,h,w]
+            flat = features.flatten(2)
+            self._queries[image_id] = (flat[0], query_norm(flat).view(features.shape[-2:]))
         return self._queries[image_id]
 
     def predict(self, episodes: list[Episode], desc: str = "prototype matcher") -> Iterator[Prediction]:
         for start in tqdm(range(0, len(episodes), self.batch_size), desc=desc, unit="batch", leave=False):
             batch = episodes[start : start + self.batch_size]
-            shots = len(batch[0].supports)
-            zf, zb, fg_empty, bg_empty = self.support_prototypes(
-                [(s, e.support_mask_class) for e in batch for s in e.supports]
-            )
-            direction = prototype_direction(zf.view(len(batch), shots, -1), zb.view(len(batch), shots, -1),
-                                            fg_empty.view(len(batch), shots), bg_empty.view(len(batch), shots))  # fmt: skip
+            pooled = self.support_prototypes([(s, e.support_mask_class) for e in batch for s in e.supports])
             rows = []
-            for d, episode in zip(direction, batch):  # [C] . [C,hw]: one small product per episode
-                flat, norm = self.query(episode.query)
-                rows.append((d[None] @ flat)[0] / norm)
-            margins = torch.stack(rows).view(len(batch), 1, *self._memo[batch[0].query].shape[-2:])
+            for d, episode in zip(prototype_direction(pooled, len(batch[0].supports)), batch):
+                flat, norm = self.query(episode.query)  # [C] . [C,hw]: one small product per episode
+                rows.append((d[None] @ flat).view_as(norm) / norm)
+            margins = torch.stack(rows)[:, None]
             yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "prototype matcher") -> EpisodeMetrics:
@@ -302,13 +296,15 @@ def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> tuple[tor
     return zf, zb, fg_empty, bg_empty
 
 
-def prototype_direction(zf: torch.Tensor, zb: torch.Tensor, fg_empty: torch.Tensor, bg_empty: torch.Tensor) -> torch.Tensor:
-    """``Z^f/|Z^f| - Z^b/|Z^b|`` [B,C] of the shots' averaged prototypes (eq. 4; [B,K,C] in,
-    empty regions [B,K] left out of the mean).
+def prototype_direction(pooled: tuple[torch.Tensor, ...], shots: int) -> torch.Tensor:
+    """``Z^f/|Z^f| - Z^b/|Z^b|`` [B,C] of each episode's averaged prototypes (eq. 4): ``pooled``
+    is :func:`support_prototypes` of the B x ``shots`` supports, episode by episode; supports
+    with an empty region are left out of that region's mean.
 
     cos(F_q, Z^f) - cos(F_q, Z^b) = <F_q/|F_q|, Z^f/|Z^f| - Z^b/|Z^b|>: one pass over the query
     map instead of two broadcast cosine_similarity calls; norms are clamped at 1e-8 as
     torch.nn.functional.cosine_similarity does (an empty region's zero prototype gives 0)."""
+    zf, zb, fg_empty, bg_empty = (t.view(-1, shots, *t.shape[1:]) for t in pooled)
     zf, zb = average_shots(zf, fg_empty), average_shots(zb, bg_empty)
     return zf / zf.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS) - zb / zb.norm(dim=1, keepdim=True).clamp_min(COSINE_EPS)
 
