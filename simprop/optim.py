@@ -88,7 +88,7 @@ class SGD:
     def state_dict(self) -> dict[str, Any]:
         index = {p: n for n, p in enumerate(p for g in self.param_groups for p in g["params"])}
         return {
-            "state": {index[p]: {k: v for k, v in s.items()} for p, s in self.state.items() if p in index},
+            "state": {index[p]: dict(s) for p, s in self.state.items() if p in index},
             "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[p] for p in g["params"]]}
                              for g in self.param_groups],  # fmt: skip
         }
@@ -104,16 +104,13 @@ class SGD:
                     f"optimizer state holds {len(saved.get('params', ()))} parameters, this optimizer "
                     f"{len(group['params'])}: it belongs to another network"
                 )
-        params = [p for g in self.param_groups for p in g["params"]]
-        saved_ids = [i for g in groups for i in g["params"]]
+            if saved.get("nesterov") or saved.get("maximize"):
+                raise ValueError("optimizer state uses nesterov or maximize, which simprop.optim.SGD does not implement")
+        state = {}
         for saved, group in zip(groups, self.param_groups):
-            for key in ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"):
-                if key in saved:
-                    group[key] = saved[key]
-        if any(g.get("nesterov") or g.get("maximize") for g in self.param_groups):
-            raise ValueError("optimizer state uses nesterov or maximize, which simprop.optim.SGD does not implement")
-        self.state = {}
-        for saved_id, p in zip(saved_ids, params):
-            entry = state_dict.get("state", {}).get(saved_id)
-            if entry and entry.get("momentum_buffer") is not None:
-                self.state[p] = {"momentum_buffer": entry["momentum_buffer"].to(device=p.device, dtype=p.dtype).clone()}
+            group.update({k: saved[k] for k in ("lr", "momentum", "dampening", "weight_decay") if k in saved})
+            for saved_id, p in zip(saved["params"], group["params"]):
+                buf = state_dict.get("state", {}).get(saved_id, {}).get("momentum_buffer")
+                if buf is not None:
+                    state[p] = {"momentum_buffer": buf.to(device=p.device, dtype=p.dtype).clone()}
+        self.state = state
