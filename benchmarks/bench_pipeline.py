@@ -17,7 +17,6 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from simprop.datasets import DataPaths, ImageStore, read_episodes
@@ -33,6 +32,27 @@ class NoMemoRunner(EpisodeRunner):
     def features(self, image_ids):
         self._features.clear()
         return super().features(image_ids)
+
+
+def training_batches(trainer: Trainer, count: int) -> list[dict]:
+    """``count`` training batches of epoch 0 (pairs in order), built as the trainer builds them."""
+    tp = trainer.params.train
+    batches = []
+    for i in range(count):
+        indices = list(range(i * tp.batch_size, (i + 1) * tp.batch_size))
+        batches.append(trainer._batch(0, indices, [j % len(trainer.pairs) for j in indices], tp.ica_initial_p))
+    return batches
+
+
+def ms_per_step(trainer: Trainer, batches: list[dict], warmup: int = 1) -> float:
+    """Mean wall time of a training step (forward, backward, SGD) over ``batches[warmup:]``."""
+    trainer.model.train()
+    for batch in batches[:warmup]:
+        trainer._step(batch)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        trainer._step(batch)
+    return (time.perf_counter() - start) / len(batches[warmup:]) * 1000
 
 
 def peak_mib() -> float:
@@ -53,20 +73,11 @@ def main() -> None:
 
     trainer = Trainer(params, args.variant, args.fold, root)
     tp = params.train
-    batches = []
-    for i in range(args.steps):
-        indices = list(range(i * tp.batch_size, (i + 1) * tp.batch_size))
-        batches.append(trainer._batch(0, indices, [j % len(trainer.pairs) for j in indices], 0.25))
-    trainer.model.train()
-    trainer._step(batches[0])  # warm-up
-    start = time.perf_counter()
-    for batch in batches[1:]:
-        trainer._step(batch)
-    elapsed = time.perf_counter() - start
-    images = (args.steps - 1) * tp.batch_size * 2
+    step_ms = ms_per_step(trainer, training_batches(trainer, args.steps), warmup=1)
+    images_per_step = tp.batch_size * 2  # queries and supports
     print(f"training ({args.variant}, batch {tp.batch_size}, {tp.image_size}px, channels {params.model.channels}, "
-          f"cached features={trainer.cache is not None}): {images / elapsed:.1f} images/s, "
-          f"{elapsed / (args.steps - 1) * 1000:.0f} ms/step")  # fmt: skip
+          f"cached features={trainer.cache is not None}): {images_per_step / step_ms * 1000:.1f} images/s, "
+          f"{step_ms:.0f} ms/step")  # fmt: skip
 
     model = trainer.model.eval()
     ev = params.evaluate

@@ -24,42 +24,31 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WARMUP = 20  # untimed steps first: with 5, the first variant in a process ran ~40 % slower
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_pipeline's step helpers
+WARMUP = 20  # untimed steps first: with 5, the first variant in a process ran ~40 % slower
 
 
 def step_breakdown(variant: str, steps: int, profile_steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
+    from bench_pipeline import ms_per_step, training_batches
     from simprop.params import load_params
-    from simprop.training import Trainer, _epoch_order
+    from simprop.training import Trainer
 
-    params = load_params(ROOT / "params.yaml")
-    trainer = Trainer(params, variant, 0, ROOT)
-    tp = params.train
-    order = _epoch_order(tp.seed, 0, len(trainer.pairs), (WARMUP + steps + profile_steps) * tp.batch_size)
-    trainer.model.train()
-
-    def step(it: int) -> None:
-        indices = list(range(it * tp.batch_size, (it + 1) * tp.batch_size))
-        trainer._step(trainer._batch(0, indices, [int(i) for i in order[indices]], tp.ica_initial_p))
-
-    for it in range(WARMUP):
-        step(it)
-    started = time.perf_counter()
-    for it in range(WARMUP, WARMUP + steps):
-        step(it)
-    ms_per_step = (time.perf_counter() - started) / steps * 1000
+    trainer = Trainer(load_params(ROOT / "params.yaml"), variant, 0, ROOT)
+    batches = training_batches(trainer, WARMUP + steps + profile_steps)
+    step_ms = ms_per_step(trainer, batches[: WARMUP + steps], warmup=WARMUP)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for it in range(WARMUP + steps, WARMUP + steps + profile_steps):
-            step(it)
+        for batch in batches[WARMUP + steps :]:
+            trainer._step(batch)
     total = projection = 0.0
     for event in prof.key_averages(group_by_input_shape=True):
         total += event.self_cpu_time_total
         shapes = str(event.input_shapes)
         if event.key in ("aten::mkldnn_convolution", "aten::convolution_backward") and ", 1536, 3, 3]" in shapes:
             projection += event.self_cpu_time_total
-    return {"variant": variant, "ms_per_step": round(ms_per_step, 1), "projection_conv_share": round(projection / total, 3)}
+    return {"variant": variant, "ms_per_step": round(step_ms, 1), "projection_conv_share": round(projection / total, 3)}
 
 
 def projection_conv(channels: int, reps: int) -> list[dict]:
