@@ -36,6 +36,9 @@ close its run; the next run of the same stage key (``stage_key`` tag: run name, 
 and repository) closes every RUNNING run of that key whose process is gone as KILLED, tagged
 ``replaced_by_run``; the new run is tagged ``replaces_run``.  A run whose process (``process``
 tag: host, pid and start time) is still alive is left alone.
+A SIGTERM or Ctrl-C that arrives while an MLflow write is in flight is held until that write
+returns: an exception raised in the middle of a SQLite transaction left the store locked, the
+KILLED mark that followed failed with "database is locked" and the run stayed RUNNING.
 
 Runs are written through an explicit :class:`mlflow.MlflowClient`; this module sets no global
 MLflow state (no ``mlflow.set_tracking_uri``, no fluent active run).  Log through the
@@ -446,25 +449,69 @@ def close_dangling_runs(client: "MlflowClient", experiment_id: str, key: str, re
     return closed
 
 
-_previous_sigterm: list = []  # the handler to give back; non-empty while a stage run holds SIGTERM
+_previous_handlers: list[dict[int, Any]] = []  # handlers to give back while a stage run holds the signals
+_writes_in_flight: list[None] = []  # one entry per MLflow write in progress (nested calls too)
+_held_signals: list[int] = []  # a signal that arrived during one, raised when the last one returns
 
 
 def _child_gets_previous_sigterm() -> None:
-    """In a process forked while a stage run holds SIGTERM (data workers): the handler as it was."""
-    if _previous_sigterm:
-        signal.signal(signal.SIGTERM, _previous_sigterm[-1])
-        _previous_sigterm.clear()
+    """In a process forked while a stage run holds the signals (data workers): the handlers as
+    they were, and no write in flight."""
+    if _previous_handlers:
+        for signum, handler in _previous_handlers[-1].items():
+            signal.signal(signum, handler)
+        _previous_handlers.clear()
+    _writes_in_flight.clear()
+    _held_signals.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_child_gets_previous_sigterm)
 
 
+def _signal_exception(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else StageTerminated(signum)
+
+
+@contextlib.contextmanager
+def _mlflow_write(held: str = "raise") -> Iterator[None]:
+    """Hold SIGTERM / SIGINT while the MLflow call inside runs; act on it when the call returns.
+
+    The exception a signal raises lands at whatever bytecode runs next, e.g. inside SQLAlchemy
+    between an INSERT and its COMMIT; that connection then keeps SQLite's write lock and the
+    KILLED mark written next by the same process waits for it and fails ("database is locked").
+    ``held``: ``raise`` the held signal's exception once the call has returned, ``keep`` it for
+    :func:`_raise_held` (the run does not exist to be closed yet), or ``drop`` it (closing a run
+    that is already ending).
+    """
+    _writes_in_flight.append(None)
+    try:
+        yield
+    except BaseException as exc:
+        _writes_in_flight.pop()
+        if not _writes_in_flight and _held_signals and held == "raise":
+            raise _signal_exception(_held_signals.pop()) from exc
+        raise
+    _writes_in_flight.pop()
+    if not _writes_in_flight and held == "drop":
+        _held_signals.clear()
+    elif not _writes_in_flight and held == "raise":
+        _raise_held()
+
+
+def _raise_held() -> None:
+    """Raise the exception of a signal held by :func:`_mlflow_write`, if one is."""
+    if _held_signals:
+        raise _signal_exception(_held_signals.pop())
+
+
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
     """While open: SIGTERM raises :class:`StageTerminated` in this (main) thread, so the run is
-    closed as KILLED; SIGINT already raises ``KeyboardInterrupt``.  Processes forked meanwhile
-    (data workers) get the previous handler back at once, so they die of SIGTERM as before."""
+    closed as KILLED, and Ctrl-C raises ``KeyboardInterrupt`` as usual (SIGINT is taken over only
+    where Python's own handler had it, never where it was ignored); both wait for an MLflow
+    write in flight (:func:`_mlflow_write`).  Processes forked meanwhile (data workers) get the
+    previous handlers back at once, so they die of SIGTERM as before."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -475,15 +522,23 @@ def _terminate_as_exception() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise StageTerminated(signum)
+        if _writes_in_flight:
+            if not _held_signals:
+                _held_signals.append(signum)
+            return
+        raise _signal_exception(signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    _previous_sigterm.append(previous)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+    _previous_handlers.append(previous)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _previous_sigterm.pop()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+        _previous_handlers.pop()
+        _held_signals.clear()
 
 
 def _log_params(client: "MlflowClient", run_id: str, params: Mapping[str, Any]) -> None:
@@ -498,7 +553,7 @@ def _timed_logging(method):
     """Count a :class:`StageRun` method's time as MLflow logging (:mod:`simprop.timing`)."""
 
     def wrapper(*args, **kwargs):
-        with span("mlflow_logging"):
+        with span("mlflow_logging"), _mlflow_write():
             return method(*args, **kwargs)
 
     wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
@@ -613,16 +668,17 @@ def stage_run(
     uri, artifacts = resolve_tracking(repo_root, params.tracking.tracking_uri, params.tracking.experiment)
     _mlflow()
     with _terminate_as_exception():
-        with span("mlflow_setup"):
+        with span("mlflow_setup"), _mlflow_write(held="keep"):
             client, experiment_id = open_store(uri, params.tracking.experiment, artifacts)
             name = run_name(stage, variant, fold, shots)
             key = stage_key(name, root)
             tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
             tags.update({"stage_key": key[:_MAX_TAG_VALUE], "process": process_token()})
             info = client.create_run(experiment_id, run_name=name, tags=tags).info
-        run = StageRun(client, info.run_id, experiment_id, uri)
         try:
-            with span("mlflow_setup"):
+            run = StageRun(client, info.run_id, experiment_id, uri)
+            _raise_held()  # a signal that came while the run was being created: close it KILLED
+            with span("mlflow_setup"), _mlflow_write():
                 replaced = close_dangling_runs(client, experiment_id, key, run.run_id)
                 if replaced:
                     client.set_tag(run.run_id, "replaces_run", ",".join(replaced))
@@ -631,10 +687,10 @@ def stage_run(
             yield run
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StageTerminated)) else "FAILED"
-            with contextlib.suppress(Exception):
-                client.set_tag(run.run_id, "error", f"{type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE])
-            with contextlib.suppress(Exception):
-                client.set_terminated(run.run_id, status=status)
+            with contextlib.suppress(Exception), _mlflow_write(held="drop"):
+                client.set_tag(info.run_id, "error", f"{type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE])
+            with contextlib.suppress(Exception), _mlflow_write(held="drop"):
+                client.set_terminated(info.run_id, status=status)
             raise
-        with span("mlflow_close"):
+        with span("mlflow_close"), _mlflow_write():
             client.set_terminated(run.run_id, status="FINISHED")

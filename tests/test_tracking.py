@@ -260,6 +260,7 @@ import os, sys, time
 from pathlib import Path
 
 root, mode = Path(sys.argv[1]), sys.argv[2]
+import signal
 import mlflow  # noqa: F401  (imported before the start signal, so that all processes open the store at once)
 from simprop.stage import run_stage
 from simprop.tracking import stage_run
@@ -270,6 +271,16 @@ def body(params):
         time.sleep(0.01)
     with stage_run("report", params, repo_root=root) as run:
         (root / f"run-{os.getpid()}.txt").write_text(run.run_id)
+        if mode.startswith("signal-in-write:"):  # the signal arrives inside log_metrics' write
+            sig, real = getattr(signal, mode.split(":")[1]), run.client.log_batch
+
+            def log_batch(*args, **kwargs):
+                run.client.log_batch = real
+                os.kill(os.getpid(), sig)
+                time.sleep(0.5)  # Python runs the handler here, in the middle of the write
+                return real(*args, **kwargs)
+
+            run.client.log_batch = log_batch
         run.log_metrics({"pid": os.getpid()})
         while mode == "wait":
             time.sleep(0.05)
@@ -297,9 +308,13 @@ def _start_stage(root: Path, mode: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_DISABLE_TELEMETRY="true")
     for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(var, None)
+    # SIGINT at its default, as under a terminal: a shell that starts pytest in the background
+    # (`cmd &` without job control) hands every child SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt, so the SIGINT case would hang instead of testing the stage.
     return subprocess.Popen(
         [sys.executable, str(root / "stage_script.py"), str(root), mode], cwd=root, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
@@ -358,6 +373,26 @@ def test_a_terminated_stage_marks_its_run_killed(tmp_path, clean_env, mlflow_db_
     assert "marked KILLED" in err
     got = _client(f"sqlite:///{root / 'mlflow.db'}").get_run(run_id)
     assert got.info.status == "KILLED" and got.info.end_time is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_an_mlflow_write_waits_for_it(tmp_path, clean_env, mlflow_db_template, sig, code):
+    """SIGTERM / Ctrl-C inside an MLflow write is held until the write returns, then ends the
+    stage: the write lands whole and the run is closed KILLED.  Raised mid-write, it once left
+    SQLite's write lock with the interrupted connection, and the KILLED mark failed with
+    "database is locked" (the run stayed RUNNING)."""
+    root = _stage_root(tmp_path, mlflow_db_template)
+    (root / "go").touch()
+    proc = _start_stage(root, f"signal-in-write:{sig.name}")
+    assert proc.wait(timeout=120) == code
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "database is locked" not in err, err[-3000:]
+    assert "marked KILLED" in err
+    got = _client(f"sqlite:///{root / 'mlflow.db'}").get_run((root / f"run-{proc.pid}.txt").read_text())
+    assert got.info.status == "KILLED" and got.info.end_time is not None
+    assert got.data.metrics["pid"] == proc.pid  # the write the signal came into was completed
+    assert ("KeyboardInterrupt" if sig == signal.SIGINT else "StageTerminated") in got.data.tags["error"]
 
 
 @pytest.mark.slow
