@@ -51,6 +51,19 @@ def mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def gain(row: dict) -> float:
+    """Support gain: 1-shot minus mismatched-support validation mIoU."""
+    return row["v1"] - row["vmm"]
+
+
+def by_cell(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """The rows of each (variant, fold), i.e. one list of seeds per cell."""
+    cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        cells[(row["variant"], int(row["fold"]))].append(row)
+    return cells
+
+
 def setting(row: dict) -> str:
     """The run's overrides other than the seed, e.g. ``train.lr_schedule=poly`` (or ``defaults``)."""
     rest = {k: v for k, v in sorted(row["set"].items()) if k != "train.seed"}
@@ -73,23 +86,17 @@ def summarize_all(runs: list[dict]) -> str:
                 if not mine:
                     cells.append("—")
                     continue
-                stds = []
-                for fold in sorted({int(r["fold"]) for r in mine}):
-                    values = [r["v1"] for r in mine if int(r["fold"]) == fold]
-                    if len(values) > 1:
-                        stds.append(statistics.stdev(values))
+                stds = [statistics.stdev(r["v1"] for r in seeds) for seeds in by_cell(mine).values() if len(seeds) > 1]
                 spread = f"{statistics.fmean(stds):.1f}" if stds else "—"
                 cells.append(f"{statistics.fmean(r['v1'] for r in mine):.1f} / "
-                             f"{statistics.fmean(r['v1'] - r['vmm'] for r in mine):.1f} / {spread}")
+                             f"{statistics.fmean(gain(r) for r in mine):.1f} / {spread}")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
 
 def summarize(runs: list[dict]) -> str:
-    cells: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for row in runs:
-        cells[(row["variant"], int(row["fold"]))].append(row)
+    cells = by_cell(runs)
     variants = [v for v in VARIANTS if any(v == key[0] for key in cells)]
     folds = sorted({key[1] for key in cells})
     seeds = sorted({row["set"].get("train.seed", 0) for row in runs})
@@ -107,13 +114,13 @@ def summarize(runs: list[dict]) -> str:
             if not rows:
                 continue
             per_variant.extend(rows)
-            gains = [r["v1"] - r["vmm"] for r in rows]
+            gains = [gain(r) for r in rows]
             lines.append(
                 f"| {variant} | {fold} | {len(rows)} | {mean_std([r['v1'] for r in rows])} | "
                 f"{mean_std(gains)} | {min(gains):+.1f} | {mean_std([r['v5'] - r['v1'] for r in rows])} | "
                 f"{mean_std([r['vid'] - r['v1'] for r in rows])} | {statistics.fmean(r['m1'] for r in rows):.1f} |"
             )
-        gains = [r["v1"] - r["vmm"] for r in per_variant]
+        gains = [gain(r) for r in per_variant]
         reached = sum(g >= GAIN_BAR for g in gains)
         above = sum(r["v1"] >= r["m1"] for r in per_variant)
         overall.append(

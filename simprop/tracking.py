@@ -454,7 +454,7 @@ _writes_in_flight: list[None] = []  # one entry per MLflow write in progress (ne
 _held_signals: list[int] = []  # a signal that arrived during one, raised when the last one returns
 
 
-def _child_gets_previous_sigterm() -> None:
+def _child_gets_previous_handlers() -> None:
     """In a process forked while a stage run holds the signals (data workers): the handlers as
     they were, and no write in flight."""
     if _previous_handlers:
@@ -466,7 +466,7 @@ def _child_gets_previous_sigterm() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_child_gets_previous_sigterm)
+    os.register_at_fork(after_in_child=_child_gets_previous_handlers)
 
 
 def _signal_exception(signum: int) -> BaseException:
