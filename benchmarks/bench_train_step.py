@@ -5,10 +5,12 @@ Needs the default pipeline's data and feature cache (``dvc repro features episod
 1. for each variant, a :class:`simprop.training.Trainer` built from ``params.yaml`` (fold 0) runs
    ``WARMUP`` untimed steps, then ``--steps`` timed steps (ms/step), then ``--profile-steps`` steps under
    ``torch.profiler``: the share of the shared encoder projection's convolution (1536 input
-   channels, forward and backward) in the profiled CPU time;
+   channels, forward and backward: oneDNN's convolution or the shifted-GEMM form's matrix
+   products) in the profiled CPU time;
 2. that convolution alone (batch 16 = 8 queries + 8 supports, the cached 9 x 9 feature maps,
-   ``model.channels`` outputs, 3 x 3, dilation 1 and 2) forward + backward, contiguous vs
-   channels-last input.
+   ``model.channels`` outputs, 3 x 3, dilation 1 and 2) forward + backward: ``conv2d`` (oneDNN)
+   and the shifted-GEMM form the encoder uses (:mod:`simprop.model.shifted_gemm`), each with
+   contiguous and channels-last input.
 
 Usage: ``python3 benchmarks/bench_train_step.py [--variants canet simpropnet] [--out step.json]``
 """
@@ -46,20 +48,32 @@ def step_breakdown(variant: str, steps: int, profile_steps: int) -> dict:
     for event in prof.key_averages(group_by_input_shape=True):
         total += event.self_cpu_time_total
         shapes = str(event.input_shapes)
-        if event.key in ("aten::mkldnn_convolution", "aten::convolution_backward") and ", 1536, 3, 3]" in shapes:
+        conv = event.key in ("aten::mkldnn_convolution", "aten::convolution_backward") and ", 1536, 3, 3]" in shapes
+        gemm = event.key == "aten::mm" and "1536]" in shapes  # the shifted-GEMM form's two products
+        if conv or gemm:
             projection += event.self_cpu_time_total
     return {"variant": variant, "ms_per_step": round(step_ms, 1), "projection_conv_share": round(projection / total, 3)}
 
 
 def projection_conv(channels: int, reps: int) -> list[dict]:
+    from simprop.model.shifted_gemm import ShiftedGemmConv2d
+
     torch.manual_seed(0)
     x = torch.randn(16, 1536, 9, 9)
     rows = []
     for dilation in (1, 2):
         conv = torch.nn.Conv2d(1536, channels, 3, padding=dilation, dilation=dilation)
-        for layout, inp in (("contiguous", x), ("channels_last", x.contiguous(memory_format=torch.channels_last))):
+        gemm = ShiftedGemmConv2d(1536, channels, dilation=dilation)
+        gemm.load_state_dict(conv.state_dict())
+        channels_last = x.contiguous(memory_format=torch.channels_last)  # the feature cache's layout
+        for layout, module, inp in (
+            ("conv2d contiguous", conv, x),
+            ("conv2d channels_last", conv, channels_last),
+            ("shifted GEMM contiguous", gemm, x),
+            ("shifted GEMM channels_last", gemm, channels_last),
+        ):
             def once() -> None:
-                conv(inp).contiguous().square().sum().backward()
+                module(inp).contiguous().square().sum().backward()
 
             for _ in range(3):
                 once()
@@ -88,7 +102,7 @@ def main() -> int:
     for row in result["steps"]:
         print(f"{row['variant']:<12} {row['ms_per_step']:7.1f} ms/step   projection conv {row['projection_conv_share']:.0%} of profiled CPU time")
     for row in result["projection_conv"]:
-        print(f"projection conv, dilation {row['dilation']}, {row['layout']:<14} {row['ms']:6.2f} ms forward + backward")
+        print(f"projection conv, dilation {row['dilation']}, {row['layout']:<26} {row['ms']:6.2f} ms forward + backward")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

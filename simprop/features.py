@@ -29,9 +29,17 @@ from simprop.params import Params
 MANIFEST = "manifest.json"
 
 
+LAYOUT = "NHWC"  # rows are [h, w, C]: a batch is a channels-last tensor without a copy
+
+
 @dataclass
 class FeatureCache:
-    """Read-only view of the cached features: ``cache.get(ids, gray=False)`` -> tensor."""
+    """Read-only view of the cached features: ``cache.get(ids, gray=False)`` -> tensor.
+
+    ``color`` / ``gray`` rows are stored [h, w, C] (:data:`LAYOUT`); :meth:`get` returns the
+    usual [N, C, h, w] shape in channels-last memory, so the encoder conv
+    (:mod:`simprop.model.shifted_gemm`) reads the pixels as a matrix without copying them.
+    """
 
     index: dict[str, int]
     color: np.ndarray
@@ -46,7 +54,7 @@ class FeatureCache:
         except KeyError as exc:
             raise DataError(f"image {exc} is not in the feature cache; rerun dvc repro features") from None
         # torch's fp16 -> fp32 conversion is exact and ~8x faster than numpy's astype here
-        return torch.from_numpy(np.stack([table[r] for r in rows])).float()
+        return torch.from_numpy(np.stack([table[r] for r in rows])).float().permute(0, 3, 1, 2)
 
 
 def cache_dir(params: Params, root: Path) -> Path:
@@ -84,6 +92,7 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
         "image_size": params.train.image_size,
         "backbone_weights": params.model.backbone_weights,
         "backbone_seed": params.model.backbone_seed,
+        "layout": LAYOUT,
     }
     try:
         if params.train.cache_backbone_features:
@@ -97,7 +106,7 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
             color = gray = None
             for start in tqdm(range(0, len(ids), batch_size), desc="backbone features", unit="batch"):
                 batch = torch.stack([store.image(i) for i in ids[start : start + batch_size]]).to(device)
-                feats = model.backbone_features(batch).cpu().numpy().astype(np.float16)
+                feats = _rows(model.backbone_features(batch))
                 if color is None:
                     shape = (len(ids), *feats.shape[1:])
                     color = np.lib.format.open_memmap(tmp / "color.npy", mode="w+", dtype=np.float16, shape=shape)
@@ -106,13 +115,13 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
                 color[start : start + len(feats)] = feats
                 if gray is not None:
                     averaged = apply_input_channel_averaging(batch, p=1.0)
-                    gray[start : start + len(feats)] = model.backbone_features(averaged).cpu().numpy().astype(np.float16)
+                    gray[start : start + len(feats)] = _rows(model.backbone_features(averaged))
             for table in (color, gray):
                 if table is not None:
                     table.flush()
             manifest.update(
                 images=ids,
-                feature_shape=list(color.shape[1:]) if color is not None else None,
+                feature_shape=[color.shape[3], *color.shape[1:3]] if color is not None else None,  # [C, h, w]
                 backbone_checksum=model.backbone.checksum(),
                 gray=with_gray,
             )
@@ -125,6 +134,11 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
     return manifest
 
 
+def _rows(features: torch.Tensor) -> np.ndarray:
+    """Backbone features [N, C, h, w] as float16 cache rows [N, h, w, C]."""
+    return features.permute(0, 2, 3, 1).cpu().numpy().astype(np.float16)
+
+
 def open_feature_cache(params: Params, root: Path, image_size: int, backbone_checksum: str) -> FeatureCache | None:
     """The cache when it exists and matches this model and input size, else ``None``."""
     directory = cache_dir(params, root)
@@ -134,6 +148,8 @@ def open_feature_cache(params: Params, root: Path, image_size: int, backbone_che
     manifest = json.loads(manifest_path.read_text())
     if not manifest.get("enabled") or manifest.get("image_size") != image_size:
         return None
+    if manifest.get("layout") != LAYOUT:
+        raise DataError(f"{directory}: cached features are in an older layout; rerun dvc repro features")
     if manifest.get("backbone_checksum") != backbone_checksum:
         raise DataError(
             f"{directory}: cached features were computed with another backbone; rerun dvc repro features"

@@ -100,12 +100,12 @@ def test_matcher_end_to_end_on_cached_features_of_real_episodes(data_pipeline):
     episodes = read_episodes(paths.episode_file(0, "test_seed1"), 1)[:40]
     ids = sorted({i for e in episodes for i in (e.query, *e.supports)})
     size = 33
-    table = np.zeros((len(ids), 21, size, size), np.float16)
+    table = np.zeros((len(ids), size, size, 21), np.float16)  # cache rows are [h, w, C]
     for n, image_id in enumerate(ids):
         label = torch.nn.functional.interpolate(
             torch.from_numpy(store.label(image_id)).float()[None, None], size=(size, size), mode="nearest"
         )[0, 0].long()
-        table[n] = torch.nn.functional.one_hot(label.clamp_max(20), 21).permute(2, 0, 1).numpy()
+        table[n] = torch.nn.functional.one_hot(label.clamp_max(20), 21).numpy()
     cache = FeatureCache({i: n for n, i in enumerate(ids)}, table, None)
     summary = PrototypeMatcher(store, torch.device("cpu"), backbone=None, cache=cache).evaluate(episodes).summary()
     assert summary["miou"] > 85  # one-hot features: only resizing and void bands cost IoU

