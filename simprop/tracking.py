@@ -487,16 +487,12 @@ def _mlflow_write(held: str = "raise") -> Iterator[None]:
     _writes_in_flight.append(None)
     try:
         yield
-    except BaseException as exc:
+    finally:  # also when the call failed: the held signal's exception then carries its error as context
         _writes_in_flight.pop()
-        if not _writes_in_flight and _held_signals and held == "raise":
-            raise _signal_exception(_held_signals.pop()) from exc
-        raise
-    _writes_in_flight.pop()
-    if not _writes_in_flight and held == "drop":
-        _held_signals.clear()
-    elif not _writes_in_flight and held == "raise":
-        _raise_held()
+        if not _writes_in_flight and held == "drop":
+            _held_signals.clear()
+        elif not _writes_in_flight and held == "raise":
+            _raise_held()
 
 
 def _raise_held() -> None:
