@@ -34,7 +34,7 @@ MLFLOW_SPANS = ("mlflow_setup", "mlflow_logging", "mlflow_close")
 
 
 def stage_kind(name: str) -> str:
-    """``train@canet-0`` -> ``train@*`` (matrix stages are summed per kind)."""
+    """``train@canet`` -> ``train@*`` (the per-variant stages are summed per kind)."""
     return name.split("@")[0] + "@*" if "@" in name else name
 
 

@@ -32,7 +32,10 @@ class DataPaths(DataLayout):
         return self.split_file(fold, name)
 
     def episode_file(self, fold: int, name: str) -> Path:
-        """``episodes/fold<i>/<name>.csv`` (name: ``test_seed<s>`` or ``val``)."""
+        """``episodes/fold<i>/<name>.csv`` (name: ``test_seed<s>``), or ``val_episodes/fold<i>.csv``
+        for name ``val``."""
+        if name == "val":
+            return self.val_episode_file(fold)
         return self.episodes / f"fold{fold}" / f"{name}.csv"
 
     @property

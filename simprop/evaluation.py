@@ -472,3 +472,59 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
             }
         )
     return rows
+
+
+def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".") -> dict:
+    """One (variant, fold) evaluation of the ``evaluate@<variant>`` stage, in its own MLflow run.
+
+    Scores the selected checkpoint (``models/<variant>/fold<i>/best.pt``) on every test set and
+    shot count with the support-use controls (:func:`evaluate_model`); writes
+    ``metrics/evaluate/<variant>/fold<i>.json`` and ``outputs/evaluate/<variant>/fold<i>/qualitative.png``.
+    Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process.
+    """
+    from simprop.features import open_feature_cache
+    from simprop.model import build_model, expected_identity, load_checkpoint
+    from simprop.tracking import stage_run
+    from simprop.training import TrainPaths
+    from simprop.visualize import save_qualitative
+
+    root = Path(root)
+    device = resolve_device(params.evaluate.device, "evaluate.device")
+    paths = TrainPaths(root, variant, fold)
+    untrained = build_model(variant, params.model, init_seed=params.train.seed).to(device).eval()
+    # the checkpoint must be this stage's: variant, fold, protocol, backbone and fold lists
+    # (not the training code's digest: see simprop/model/checkpoint.py)
+    expected = expected_identity(params, variant, fold, root, untrained.backbone.checksum())
+    model, meta = load_checkpoint(paths.best, map_location=device, expected=expected)
+    cache = open_feature_cache(params, root, params.evaluate.image_size, model.backbone.checksum())
+    out = root / "metrics" / "evaluate" / variant / f"fold{fold}.json"
+    figure = root / "outputs" / "evaluate" / variant / f"fold{fold}" / "qualitative.png"
+    shots = ",".join(str(s) for s in params.evaluate.shots)
+    with stage_run("evaluate", params, variant=variant, fold=fold, shots=shots) as run:
+        run.set_tags({"checkpoint_epoch": meta.get("epoch"), "checkpoint_val_miou": meta.get("val_miou"),
+                      "torch_threads": torch.get_num_threads()})  # fmt: skip
+        record, runner = evaluate_model(params, model, variant, fold, root, device, cache, untrained=untrained, log=run.log_metrics)
+        record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
+        write_json(out, record)
+        rows = qualitative_rows(params, runner, fold, root, params.report.num_qualitative)
+        if rows:
+            save_qualitative(rows, figure, title=f"{variant}, {params.splits.protocol} fold {fold}, 1-shot")
+        else:
+            figure.parent.mkdir(parents=True, exist_ok=True)
+        for shot in params.evaluate.shots:
+            entry = record[f"shot{shot}"]
+            run.log_metrics({f"shot{shot}_miou_mean": entry["miou_mean"], f"shot{shot}_miou_std": entry["miou_std"],
+                             f"shot{shot}_fbiou_mean": entry["fbiou_mean"],
+                             f"shot{shot}_classes_scored": entry["classes_scored"]})  # fmt: skip
+        if "identical" in record:
+            run.log_metrics({"identical_miou": record["identical"]["miou"]})
+        run.log_metrics({"mismatched_miou_mean": record["mismatched"]["miou_mean"],
+                         **{f"matcher_{k}_miou_mean": v["miou_mean"] for k, v in record["matcher"].items()},
+                         **record["support_use"]})  # fmt: skip
+        run.log_metrics({k: v for k, v in record["reference"].items() if v is not None})
+        run.log_artifact(out)
+        if figure.is_file():
+            run.log_artifact(figure)
+    summary = ", ".join(f"{s}-shot mIoU {record[f'shot{s}']['miou_mean']:.2f}" for s in params.evaluate.shots)
+    print(f"{variant} fold {fold}: {summary}", flush=True)
+    return record

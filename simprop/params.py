@@ -202,6 +202,10 @@ class TrainParams:
     # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
     # torchrun, each process taking batch_size / processes samples of every batch
     processes: int = 1
+    # folds of one variant trained at once by the train@<variant> stage, each in its own process
+    # with cores // parallel_folds threads (simprop/parallel.py); 1 = one after another, as with
+    # processes > 1 (DDP spreads each fold over the processes, and the folds take turns)
+    parallel_folds: int = 1
 
     def validate(self, key: str) -> None:
         for v in self.variants:
@@ -238,6 +242,8 @@ class TrainParams:
                 f"{key}.batch_size: {self.batch_size} does not split evenly over {key}.processes = "
                 f"{self.processes}; use a multiple of the process count"
             )
+        if self.parallel_folds < 1:
+            raise ParamsError(f"{key}.parallel_folds: must be >= 1, got {self.parallel_folds}")
 
 
 @dataclass(frozen=True)
@@ -254,6 +260,8 @@ class EvaluateParams:
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
     amp: bool = False  # the network under autocast (simprop/precision.py); controls stay float32
+    # folds of one variant evaluated at once by the evaluate@<variant> stage (simprop/parallel.py)
+    parallel_folds: int = 1
 
     def validate(self, key: str) -> None:
         if not self.shots:
@@ -261,7 +269,7 @@ class EvaluateParams:
         for s in self.shots:
             if s < 1:
                 raise ParamsError(f"{key}.shots: shots must be >= 1, got {s}")
-        _positive(self, key, "image_size", "batch_size")
+        _positive(self, key, "image_size", "batch_size", "parallel_folds")
         _device(self.device, f"{key}.device")
 
 

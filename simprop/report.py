@@ -4,11 +4,10 @@ Inputs (file contracts in docs/architecture.md), for every ``(variant, fold)`` i
 ``params.train.variants`` x ``params.train.folds`` -- the lists from params, never a glob, so a
 stale file from a run that has since been dropped from params cannot leak into a table:
 
-* ``metrics/evaluate/<variant>_fold<i>.json`` (required),
-* ``metrics/train/<variant>_fold<i>.json`` (required),
-* training curves ``plots/train/<variant>_fold<i>/{loss,val}.csv`` (optional; the layout
-  ``plots/train/{loss,val}/<variant>_fold<i>.csv`` is read too),
-* ``outputs/evaluate/<variant>_fold<i>/qualitative.png`` (optional).
+* ``metrics/evaluate/<variant>/fold<i>.json`` (required),
+* ``metrics/train/<variant>/fold<i>.json`` (required),
+* training curves ``plots/train/{loss,val}/<variant>/fold<i>.csv`` (optional),
+* ``outputs/evaluate/<variant>/fold<i>/qualitative.png`` (optional).
 
 Outputs: ``reports/tables.md``, ``reports/table{3,4,5}.csv`` (tidy, one row per method, shots
 and split), ``reports/figures/{per_class_iou,training_curves,qualitative}.png`` and the small
@@ -54,30 +53,23 @@ class StaleInputError(ValueError):
 
 
 def evaluate_metrics_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "metrics" / "evaluate" / f"{variant}_fold{fold}.json"
+    return Path(root) / "metrics" / "evaluate" / variant / f"fold{fold}.json"
 
 
 def train_metrics_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "metrics" / "train" / f"{variant}_fold{fold}.json"
+    return Path(root) / "metrics" / "train" / variant / f"fold{fold}.json"
 
 
 def curve_paths(root: Path, variant: str, fold: int) -> tuple[Path | None, Path | None]:
-    """(loss.csv, val.csv) of a training run, each ``None`` when absent.
-
-    The documented layout ``plots/train/<variant>_fold<i>/{loss,val}.csv`` is preferred;
-    ``plots/train/{loss,val}/<variant>_fold<i>.csv`` (one folder per curve, which DVC plots
-    can overlay) is accepted too.
-    """
+    """(loss, val) curves of a training run, ``plots/train/{loss,val}/<variant>/fold<i>.csv``
+    (one folder per curve, which DVC plots overlays), each ``None`` when absent."""
     plots = Path(root) / "plots" / "train"
-    found = []
-    for name in ("loss", "val"):
-        candidates = (plots / f"{variant}_fold{fold}" / f"{name}.csv", plots / name / f"{variant}_fold{fold}.csv")
-        found.append(next((p for p in candidates if p.is_file()), None))
-    return found[0], found[1]
+    found = [plots / name / variant / f"fold{fold}.csv" for name in ("loss", "val")]
+    return tuple(p if p.is_file() else None for p in found)  # type: ignore[return-value]
 
 
 def qualitative_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "outputs" / "evaluate" / f"{variant}_fold{fold}" / "qualitative.png"
+    return Path(root) / "outputs" / "evaluate" / variant / f"fold{fold}" / "qualitative.png"
 
 
 # --------------------------------------------------------------------------- loading
@@ -115,14 +107,14 @@ def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int]
             ev = _read_json(
                 ev_path,
                 f"evaluate metrics of {variant} fold {fold}",
-                f"run the evaluate stage: `dvc repro evaluate@{variant}-{fold}` "
+                f"run the evaluate stage: `dvc repro evaluate@{variant}` "
                 f"(or `python stages/evaluate.py --variant {variant} --fold {fold}`)",
             )
             _check_fresh(ev, ev_path, params, variant, fold)
             tr = _read_json(
                 train_metrics_path(root, variant, fold),
                 f"training metrics of {variant} fold {fold}",
-                f"run the train stage: `dvc repro train@{variant}-{fold}` "
+                f"run the train stage: `dvc repro train@{variant}` "
                 f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
             )
             results[(variant, fold)] = RunResult(variant, fold, ev, tr)
@@ -144,7 +136,7 @@ def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: i
         if key in record and record[key] != want:
             raise StaleInputError(
                 f"{path}: {key} is {record[key]!r} but params say {want!r}; the file is stale, "
-                f"rerun `dvc repro evaluate@{variant}-{fold}`"
+                f"rerun `dvc repro evaluate@{variant}`"
             )
 
 

@@ -23,12 +23,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from simprop.analysis.common import AnalysisError
     from simprop.datasets import DataError
     from simprop.model import BackboneWeightsError, CheckpointError
+    from simprop.parallel import FoldFailed
     from simprop.tracking import TrackingError
     from simprop.training import TrainingDiverged
 
     return (
         ParamsError, DataError, CheckpointError, BackboneWeightsError, TrainingDiverged, AnalysisError,
-        TrackingError, FileNotFoundError,
+        TrackingError, FoldFailed, FileNotFoundError,
     )  # fmt: skip
 
 
@@ -47,18 +48,21 @@ def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, P
     return run_stage(name, lambda params: analyse(params, Path(args.root)), args.params)
 
 
-def matrix_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """``--variant`` and ``--fold`` of a ``train@`` / ``evaluate@`` matrix stage."""
-    parser = argparse.ArgumentParser(description=description)
+def variant_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """``--variant`` (and optionally ``--fold``) of a ``train@`` / ``evaluate@`` stage."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--fold", type=int, required=True)
+    parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
     return parser.parse_args(argv)
 
 
-def check_matrix_entry(params: Params, variant: str, fold: int) -> None:
-    """A matrix stage only runs for a (variant, fold) that the params lists hold."""
-    if variant not in params.train.variants or fold not in params.train.folds:
-        raise ParamsError(f"train.variants/train.folds: ({variant}, fold {fold}) is not in the params lists")
+def stage_folds(params: Params, variant: str, fold: int | None) -> list[int]:
+    """The folds a ``train@<variant>`` / ``evaluate@<variant>`` stage runs: ``fold`` alone, or every
+    fold of ``train.folds``; the variant (and fold) must be in the params lists."""
+    if variant not in params.train.variants or (fold is not None and fold not in params.train.folds):
+        what = variant if fold is None else f"({variant}, fold {fold})"
+        raise ParamsError(f"train.variants/train.folds: {what} is not in the params lists")
+    return list(params.train.folds) if fold is None else [fold]
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:

@@ -92,30 +92,31 @@ class TrainPaths:
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics" / "train" / f"{self.variant}_fold{self.fold}.json"
+        return self.root / "metrics" / "train" / self.variant / f"fold{self.fold}.json"
 
     @property
     def loss_curve(self) -> Path:
-        return self.root / "plots" / "train" / "loss" / f"{self.variant}_fold{self.fold}.csv"
+        return self.root / "plots" / "train" / "loss" / self.variant / f"fold{self.fold}.csv"
 
     @property
     def val_curve(self) -> Path:
-        return self.root / "plots" / "train" / "val" / f"{self.variant}_fold{self.fold}.csv"
+        return self.root / "plots" / "train" / "val" / self.variant / f"fold{self.fold}.csv"
 
 
 def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, str] | None = None) -> str:
     """What a checkpoint must share with the current run to be resumed.
 
     Everything that shapes training except ``train.epochs`` (raising the epoch
-    count continues a finished run), the device and the process count (N DDP
-    processes see the same batches as one), plus ``inputs``: digests of what the
-    params do not pin down (the frozen backbone's weights, the fold's training list
-    and validation episodes, the training code), so that a rebuilt backbone,
-    regenerated data or changed code never resumes a stale checkpoint.
+    count continues a finished run), the device, the process count (N DDP
+    processes see the same batches as one) and how many folds train side by
+    side, plus ``inputs``: digests of what the params do not pin down (the
+    frozen backbone's weights, the fold's training list and validation
+    episodes, the training code), so that a rebuilt backbone, regenerated data
+    or changed code never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
     # raising the epoch count continues a constant-lr run; a poly schedule depends on it
-    for key in ("device", "processes", "variants", "folds") + (("epochs",) if params.train.lr_schedule == "constant" else ()):
+    for key in ("device", "processes", "parallel_folds", "variants", "folds") + (("epochs",) if params.train.lr_schedule == "constant" else ()):
         train.pop(key)
     relevant = {
         "variant": variant,
@@ -517,3 +518,42 @@ class Trainer:
         if self.dist.is_main:
             write_json(self.paths.metrics, summary)
         return summary
+
+
+def train_fold(params: Params, variant: str, fold: int, root: Path | str = ".") -> dict:
+    """One (variant, fold) training of the ``train@<variant>`` stage, in its own MLflow run.
+
+    Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process;
+    under torchrun every rank calls it, rank 0 alone logs and writes.  Returns the summary
+    (best validation mIoU and epoch, wall time, ...) on rank 0, ``{}`` on the others.
+    """
+    from simprop.distributed import context_from_env, destroy
+    from simprop.tracking import stage_run
+
+    root = Path(root)
+    ctx = context_from_env()
+    try:
+        if not ctx.is_main:  # rank > 0: train its share of each batch; rank 0 logs and writes
+            Trainer(params, variant, fold, root, dist_context=ctx).run()
+            return {}
+        with stage_run("train", params, variant=variant, fold=fold, shots=1) as run:
+            trainer = Trainer(params, variant, fold, root, tracker=run, dist_context=ctx)
+            run.set_tags({
+                "device": str(trainer.device), "processes": ctx.world_size, "torch_threads": torch.get_num_threads(),
+                **trainer.model.parameter_counts(),
+            })  # fmt: skip
+            summary = trainer.run()
+            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+            run.log_artifact(trainer.paths.best, "checkpoint")
+            run.log_artifact(trainer.paths.metrics)
+            # one folder per curve: both files are named fold<i>.csv
+            run.log_artifact(trainer.paths.loss_curve, "curves/loss")
+            run.log_artifact(trainer.paths.val_curve, "curves/val")
+    finally:
+        destroy(ctx)
+    print(
+        f"{variant} fold {fold}: best validation mIoU {summary['best_val_miou']:.2f} "
+        f"at epoch {summary['best_epoch']} ({summary['wall_time_s']} s)",
+        flush=True,
+    )
+    return summary

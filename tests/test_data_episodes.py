@@ -21,10 +21,14 @@ def test_episode_files_are_byte_identical_for_the_same_inputs(data_pipeline, cop
     layout = DataLayout(tmp_path / "data")
     copy_tree(source.splits, "data/splits")
     build_episodes(layout, params.splits.folds, params.episodes)
-    files = sorted(p.relative_to(source.episodes) for p in source.episodes.rglob("*.csv"))
-    assert len(files) == len(params.splits.folds) * (len(params.episodes.test_seeds) + 1)
-    for rel in files:
-        assert (layout.episodes / rel).read_bytes() == (source.episodes / rel).read_bytes()
+    for new, old, count in (
+        (layout.episodes, source.episodes, len(params.splits.folds) * len(params.episodes.test_seeds)),
+        (layout.val_episodes, source.val_episodes, len(params.splits.folds)),
+    ):
+        files = sorted(p.relative_to(old) for p in old.rglob("*.csv"))
+        assert len(files) == count
+        for rel in files:
+            assert (new / rel).read_bytes() == (old / rel).read_bytes()
 
 
 def test_test_episodes_follow_the_rules(data_pipeline):
@@ -225,6 +229,14 @@ def test_episode_stage_files_carry_mismatches_and_provenance(data_pipeline, copy
     build_episodes(copy, params.splits.folds, e)
     digest = lambda root: {p.relative_to(root): hashlib.md5(p.read_bytes()).hexdigest() for p in root.rglob("*.*")}  # noqa: E731
     assert digest(copy.episodes) == digest(layout.episodes)
+    assert digest(copy.val_episodes) == digest(layout.val_episodes)
+    val_provenance = json.loads((layout.val_episodes / "provenance.json").read_text())
+    assert val_provenance["files"]["fold0.csv"]["seed"] == e.val_seed
+    assert val_provenance["files"]["fold0.csv"]["episodes"] == e.num_val_episodes
+    # other test sets leave the validation files (the train stages' only episode input) byte-identical
+    build_episodes(copy, params.splits.folds, dataclasses.replace(e, num_episodes=7, test_seeds=(4,)))
+    assert digest(copy.val_episodes) == digest(layout.val_episodes)
+    assert digest(copy.episodes) != digest(layout.episodes)
     # uniform sampling: the same episode files as before, class by class, recorded as such
     build_episodes(copy, params.splits.folds, dataclasses.replace(e, class_sampling="uniform"))
     assert json.loads((copy.episodes / "provenance.json").read_text())["class_sampling"] == "uniform"

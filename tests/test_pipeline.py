@@ -21,9 +21,11 @@ import yaml
 
 from mlflow_server import start_server, stop_server  # tests/ is on sys.path under pytest
 
+from simprop.parallel import threads_per_worker
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet"]
-FOLDS = [0]
+FOLDS = [0, 1]  # two, so that each per-variant stage runs its folds side by side (train/evaluate.parallel_folds: 2)
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +109,7 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(pipeline):
     for variant in VARIANTS:
         for fold in FOLDS:
             assert (pipeline / "models" / variant / f"fold{fold}" / "best.pt").is_file()
-            record = json.loads((pipeline / "metrics" / "evaluate" / f"{variant}_fold{fold}.json").read_text())
+            record = json.loads((pipeline / "metrics" / "evaluate" / variant / f"fold{fold}.json").read_text())
             for shot in (1, 5):
                 entry = record[f"shot{shot}"]
                 assert 0.0 <= entry["miou_mean"] <= 100.0
@@ -119,7 +121,7 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(pipeline):
     assert "Table 3" in tables and "Table 4" in tables and "Table 5" in tables
     assert "54.86" in tables  # the paper's SimPropNet split-1 number sits beside ours
     shown = run([*DVC, "metrics", "show", "--json"], pipeline)
-    assert "metrics/evaluate/simpropnet_fold0.json" in shown.stdout
+    assert "metrics/evaluate/simpropnet/fold0.json" in shown.stdout
 
 
 def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
@@ -150,6 +152,9 @@ def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
                     metrics = {m["key"] for m in run_info["data"].get("metrics", [])}
                     assert metric in metrics
                     assert tags(run_info)["protocol"] == "oslsm"
+                    # the folds ran side by side, each in a worker with its share of the cores
+                    assert tags(run_info)["torch_threads"] == str(threads_per_worker(2))
+                    assert tags(run_info)["dvc_stage"] == f"{stage}@{variant}"
                     listing = server.get(
                         "/api/2.0/mlflow/artifacts/list", run_id=run_info["info"]["run_id"]
                     ).get("files", [])
@@ -176,7 +181,7 @@ def test_changing_the_learning_rate_reruns_training_and_nothing_upstream(pipelin
         changed = json.loads(run([*DVC, "status", "--json"], pipeline).stdout)
     finally:
         params_path.write_text(original)
-    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    trainings = {f"train@{v}" for v in VARIANTS}
     assert trainings <= set(changed), "every training must rerun"
     upstream = {"download", "augment", "splits", "episodes", "backbone", "features"}
     assert not upstream & set(changed), f"upstream stages must not rerun: {sorted(upstream & set(changed))}"
@@ -190,8 +195,8 @@ def test_scoring_and_sampling_params_dirty_exactly_the_stages_that_read_them(pip
     sampling) must rerun what reads the key and nothing more: the keys are declared in dvc.yaml."""
     params_path = pipeline / "params.yaml"
     original = params_path.read_text()
-    evaluations = {f"evaluate@{v}-{f}" for v in VARIANTS for f in FOLDS}
-    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    evaluations = {f"evaluate@{v}" for v in VARIANTS}
+    trainings = {f"train@{v}" for v in VARIANTS}
     try:
         for section, key, value in (("evaluate", "resolution", "321"), ("evaluate", "void", "background")):
             params = yaml.safe_load(original)
@@ -323,10 +328,10 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         result = run([sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"], repo)
         assert f"after completed epoch {killed_at}" in result.stdout
-        summary = json.loads((repo / "metrics" / "train" / "simpropnet_fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / "simpropnet" / "fold0.json").read_text())
         assert summary["resumed_from_epoch"] == killed_at + 1
         steps = [int(line.split(",")[0]) for line in
-                 (repo / "plots" / "train" / "loss" / "simpropnet_fold0.csv").read_text().splitlines()[1:]]  # fmt: skip
+                 (repo / "plots" / "train" / "loss" / "simpropnet" / "fold0.csv").read_text().splitlines()[1:]]  # fmt: skip
         assert steps == list(range((killed_at + 2) * 3)), "the loss curve must continue without gaps or repeats"
         assert json.loads(state_file.read_text())["completed_epochs"] == killed_at + 2
         # MLflow: the SIGKILLed run does not stay RUNNING, and the two runs name each other
@@ -344,7 +349,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
 
 
 def _loss_curve(repo: Path, variant: str) -> list[float]:
-    lines = (repo / "plots" / "train" / "loss" / f"{variant}_fold0.csv").read_text().splitlines()[1:]
+    lines = (repo / "plots" / "train" / "loss" / variant / "fold0.csv").read_text().splitlines()[1:]
     return [float(line.split(",")[1]) for line in lines]
 
 
@@ -357,7 +362,7 @@ def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes
     model_dir = repo / "models" / variant / "fold0"
     saved = repo.parent / f"{variant}_fold0_saved_ddp"
     shutil.copytree(model_dir, saved)
-    curve_path = repo / "plots" / "train" / "loss" / f"{variant}_fold0.csv"
+    curve_path = repo / "plots" / "train" / "loss" / variant / "fold0.csv"
     saved_curve = curve_path.read_text()
     params_path = repo / "params.yaml"
     original = params_path.read_text()
@@ -378,7 +383,7 @@ def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes
         assert "torch.distributed.run" in result.stdout and "--nproc_per_node=2" in result.stdout
         double = _loss_curve(repo, variant)
         assert (model_dir / "best.pt").is_file() and (model_dir / "last.pt").is_file()
-        summary = json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())
         assert summary["processes"] == 2 and summary["steps"] == 6
         runs = _mlflow_runs(repo, "train", variant)
         assert len(runs) == runs_before + 1, "rank 1 must not open an MLflow run"
@@ -409,7 +414,7 @@ def test_dvc_exp_run_temp_with_another_learning_rate_lands_in_the_original_mlflo
 
     result = run([*DVC, "exp", "run", "--temp", "-n", "lr-half", "-S", "train.lr=0.005"], repo, timeout=1200)
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")}
-    trainings = {f"train@{v}-{f}" for v in VARIANTS for f in FOLDS}
+    trainings = {f"train@{v}" for v in VARIANTS}
     assert trainings <= ran
     assert not ran & {"download", "augment", "splits", "episodes", "backbone", "features"}
     assert (repo / "params.yaml").read_text() == params_before, "--temp leaves the workspace alone"
@@ -426,7 +431,7 @@ def test_dvc_exp_run_temp_with_another_learning_rate_lands_in_the_original_mlflo
 
     for variant in VARIANTS:
         new = [r for r in _mlflow_runs(repo, "train", variant) if r.info.run_id not in before]
-        assert len(new) == 1, f"one new train run for {variant}"
+        assert sorted(r.data.tags["fold"] for r in new) == [str(f) for f in FOLDS], f"one new train run per fold for {variant}"
         tracked = new[0]
         assert tracked.info.status == "FINISHED"
         assert tracked.data.params["train.lr"] == "0.005"
@@ -463,7 +468,7 @@ def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
         result = run([sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"], repo)
         assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
         assert "resuming" not in result.stdout
-        summary = json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())
         assert summary["steps"] == 6 and summary["resumed_from_epoch"] is None
     finally:
         params_path.write_text(original)
@@ -482,7 +487,7 @@ def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_
     model_dir = repo / "models" / variant / "fold0"
     saved = repo.parent / "dpr_fold0_saved_rerun"
     shutil.copytree(model_dir, saved)
-    curves = [repo / "plots" / "train" / kind / f"{variant}_fold0.csv" for kind in ("loss", "val")]
+    curves = [repo / "plots" / "train" / kind / variant / "fold0.csv" for kind in ("loss", "val")]
     contents = [c.read_text() for c in curves]
     losses = repo / "simprop" / "model" / "losses.py"
     code = losses.read_text()
@@ -497,7 +502,7 @@ def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_
         losses.write_text(code + "\n# a change to the training code\n")
         result = run(cmd, repo)
         assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
-        assert json.loads((repo / "metrics" / "train" / f"{variant}_fold0.json").read_text())["resumed_from_epoch"] is None
+        assert json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())["resumed_from_epoch"] is None
     finally:
         losses.write_text(code)
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -531,7 +536,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
 
     repo = pipeline
     best = repo / "models" / "canet" / "fold0" / "best.pt"
-    metrics = repo / "metrics" / "evaluate" / "canet_fold0.json"
+    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0.json"
     before = metrics.read_bytes()
     payload = torch.load(best, weights_only=True)
     identity = payload.get("identity") or {}  # recorded by training (checked at the end)
@@ -661,7 +666,7 @@ def test_both_training_curves_and_the_experiment_kind_are_served_over_rest(pipel
         seen = set()
         for found in runs:
             run_tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
-            name = f"{run_tags['variant']}_fold{run_tags['fold']}.csv"
+            name = f"fold{run_tags['fold']}.csv"
             listed = {}
             for kind in ("loss", "val"):
                 files = server.get("/api/2.0/mlflow/artifacts/list", run_id=found["info"]["run_id"],

@@ -72,21 +72,18 @@ def fake_evaluate_record(params: Params, variant: str, fold: int) -> dict:
     return record
 
 
-def write_run(root: Path, params: Params, variant: str, fold: int, curves: str | None = "doc") -> None:
+def write_run(root: Path, params: Params, variant: str, fold: int, curves: bool = True) -> None:
     path = evaluate_metrics_path(root, variant, fold)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fake_evaluate_record(params, variant, fold)))
-    train = root / "metrics" / "train" / f"{variant}_fold{fold}.json"
+    train = root / "metrics" / "train" / variant / f"fold{fold}.json"
     train.parent.mkdir(parents=True, exist_ok=True)
     train.write_text(json.dumps({"variant": variant, "fold": fold, "epochs": 3, "best_val_miou": 40.0 + fold,
                                  "best_epoch": 2, "final_loss": 0.3, "first_loss": 0.7, "wall_time_s": 12.5}))
-    if curves is None:
+    if not curves:
         return
     plots = root / "plots" / "train"
-    if curves == "doc":
-        loss, val = plots / f"{variant}_fold{fold}" / "loss.csv", plots / f"{variant}_fold{fold}" / "val.csv"
-    else:  # one folder per curve
-        loss, val = plots / "loss" / f"{variant}_fold{fold}.csv", plots / "val" / f"{variant}_fold{fold}.csv"
+    loss, val = plots / "loss" / variant / f"fold{fold}.csv", plots / "val" / variant / f"fold{fold}.csv"
     for p in (loss, val):
         p.parent.mkdir(parents=True, exist_ok=True)
     steps = np.arange(120)
@@ -95,7 +92,7 @@ def write_run(root: Path, params: Params, variant: str, fold: int, curves: str |
 
 
 def write_panel(root: Path, variant: str, fold: int, colour) -> None:
-    path = root / "outputs" / "evaluate" / f"{variant}_fold{fold}" / "qualitative.png"
+    path = root / "outputs" / "evaluate" / variant / f"fold{fold}" / "qualitative.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (400, 120), colour).save(path)
 
@@ -107,7 +104,7 @@ def built(tmp_path_factory):
     params = make_params()
     for variant in params.train.variants:
         for fold in params.train.folds:
-            write_run(tmp_path, params, variant, fold, curves="doc" if variant == "canet" else "per-curve")
+            write_run(tmp_path, params, variant, fold)
     write_panel(tmp_path, "canet", 0, "red")
     write_panel(tmp_path, "simpropnet", 0, "blue")
     return tmp_path, params, build_report(params, tmp_path)
@@ -211,7 +208,7 @@ def test_per_class_iou_keeps_class_names(built):
 def test_partial_folds_compare_to_the_same_splits(tmp_path):
     params = make_params(variants=("simpropnet",), folds=(0, 2), shots=(1,))
     for fold in params.train.folds:
-        write_run(tmp_path, params, "simpropnet", fold, curves=None)
+        write_run(tmp_path, params, "simpropnet", fold, curves=False)
     out = build_report(params, tmp_path)
     t3 = pd.read_csv(out.csvs["table3"])
     sp1 = t3[(t3.method == "simpropnet") & (t3.shots == 1)].set_index("split")
@@ -230,24 +227,24 @@ def test_missing_metrics_file_names_file_and_stage(tmp_path):
     params = make_params()
     for variant in params.train.variants:
         for fold in params.train.folds:
-            write_run(tmp_path, params, variant, fold, curves=None)
+            write_run(tmp_path, params, variant, fold, curves=False)
     evaluate_metrics_path(tmp_path, "simpropnet", 2).unlink()
     with pytest.raises(MissingInputError) as err:
         build_report(params, tmp_path)
-    assert "metrics/evaluate/simpropnet_fold2.json" in str(err.value)
-    assert "evaluate@simpropnet-2" in str(err.value)
+    assert "metrics/evaluate/simpropnet/fold2.json" in str(err.value)
+    assert "evaluate@simpropnet" in str(err.value)
     assert isinstance(err.value, FileNotFoundError)  # the stage runner prints it as one line
 
-    (tmp_path / "metrics" / "train" / "canet_fold0.json").unlink()
-    with pytest.raises(MissingInputError, match=r"metrics/train/canet_fold0\.json.*train@canet-0"):
+    (tmp_path / "metrics" / "train" / "canet" / "fold0.json").unlink()
+    with pytest.raises(MissingInputError, match=r"metrics/train/canet/fold0\.json.*train@canet`"):
         build_report(params, tmp_path)
 
 
 def test_stale_metrics_file_is_rejected(tmp_path):
     params = make_params(variants=("canet",), folds=(1,))
-    write_run(tmp_path, params, "canet", 1, curves=None)
+    write_run(tmp_path, params, "canet", 1, curves=False)
     stale = dataclasses.replace(params, episodes=dataclasses.replace(params.episodes, test_seeds=(4, 5, 6)))
-    with pytest.raises(StaleInputError, match=r"canet_fold1\.json: seeds"):
+    with pytest.raises(StaleInputError, match=r"canet/fold1\.json: seeds"):
         build_report(stale, tmp_path)
 
 
@@ -286,7 +283,7 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
     # a missing input is one clear line and exit status 2, and the run is marked FAILED
     evaluate_metrics_path(tmp_path, "simpropnet", 0).unlink()
     assert stage.main(["--params", str(params_file), "--root", str(tmp_path)]) == 2
-    assert "simpropnet_fold0.json" in capsys.readouterr().err
+    assert "simpropnet/fold0.json" in capsys.readouterr().err
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FAILED"
 
@@ -331,7 +328,7 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     )
     for variant in other.train.variants:
         for fold in other.train.folds:
-            write_run(tmp_path, other, variant, fold, curves=None)
+            write_run(tmp_path, other, variant, fold, curves=False)
             record = json.loads(evaluate_metrics_path(tmp_path, variant, fold).read_text())
             record.update(void="background", class_sampling="uniform")
             evaluate_metrics_path(tmp_path, variant, fold).write_text(json.dumps(record))

@@ -120,7 +120,7 @@ def test_names_are_sanitised():
 
 def test_stage_run_records_tags_params_metrics_artifacts(tmp_path, store_root, clean_env):
     clean_env.setenv("DVC_EXP_NAME", "dowie-vega")
-    clean_env.setenv("DVC_STAGE", "train@simpropnet-0")
+    clean_env.setenv("DVC_STAGE", "train@simpropnet")
     head = _git_repo(tmp_path)  # a repo of our own: the shared checkout's HEAD moves under us
     clean_env.chdir(tmp_path)
     params = _params()
@@ -143,7 +143,7 @@ def test_stage_run_records_tags_params_metrics_artifacts(tmp_path, store_root, c
     for key, value in {
         "stage": "train", "variant": "simpropnet", "fold": "0", "shots": "1", "protocol": "oslsm",
         "seeds": "test=1,2,3;train=0", "episodes": "1000", "eval_resolution": "original",
-        "setup": "default", "dvc_exp_name": "dowie-vega", "dvc_stage": "train@simpropnet-0",
+        "setup": "default", "dvc_exp_name": "dowie-vega", "dvc_stage": "train@simpropnet",
     }.items():  # fmt: skip
         assert tags[key] == value, key
     assert tags["git_commit"] == head

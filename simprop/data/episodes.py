@@ -1,8 +1,9 @@
 """The episodes stage: fixed, seeded few-shot episode files per fold.
 
 For each fold in ``splits.folds`` and each seed in ``episodes.test_seeds``,
-``test_seed<s>.csv`` holds ``episodes.num_episodes`` episodes drawn from the fold's ``test.csv``
-pairs; ``val.csv`` holds ``episodes.num_val_episodes`` episodes drawn from ``val.csv`` pairs
+``episodes/fold<i>/test_seed<s>.csv`` holds ``episodes.num_episodes`` episodes drawn from the fold's
+``test.csv`` pairs; ``val_episodes/fold<i>.csv`` holds ``episodes.num_val_episodes`` episodes drawn
+from ``val.csv`` pairs
 (training-pool images of the held-out classes, never test images) with ``episodes.val_seed``,
 which params validation keeps disjoint from the test seeds. Validation episodes serve only for
 checkpoint selection.
@@ -149,42 +150,32 @@ def add_mismatched_supports(
 
 
 def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str, int]:
-    """Write every fold's test and validation episode files and ``provenance.json``; returns the
-    number of files.
+    """Write every fold's test episode files (``episodes/``) and validation episode files
+    (``val_episodes/``), each tree with its ``provenance.json``; returns the number of files.
 
+    The validation files live in their own tree so that the train stages depend on them alone:
+    another test seed or episode count reruns the evaluations, not the trainings.
     ``params`` is the ``episodes`` params section (:class:`simprop.params.EpisodesParams`).
     """
     written = {"test_files": 0, "val_files": 0}
     sampling = getattr(params, "class_sampling", "pairs")
-    files: dict[str, dict] = {}
 
-    def draw(tmp: Path, name: str, pairs, classes, num: int, seed: int, fold: int, source: str) -> None:
+    def draw(tmp: Path, name: str, files: dict, pairs, classes, num: int, seed: int, fold: int, source: str) -> None:
         episodes = draw_episodes(
             pairs, classes, num_episodes=num, max_shots=params.max_shots, seed=seed, fold=fold,
             source=source, class_sampling=sampling,
         )  # fmt: skip
-        write_episodes(tmp / f"fold{fold}" / name, episodes)
+        write_episodes(tmp / name, episodes)
         counts = Counter(e.cls for e in episodes)
-        files[f"fold{fold}/{name}"] = {
+        files[name] = {
             "pool": f"splits/fold{fold}/{source.split(' ')[0]}",
             "seed": seed,
             "episodes": len(episodes),
             "episodes_per_class": {class_name(c): counts.get(c, 0) for c in classes},
         }
 
-    def build(tmp: Path) -> None:
-        for fold in folds:
-            classes = fold_classes(fold)
-            test_pairs = read_pairs(layout.split_file(fold, "test"))
-            for seed in params.test_seeds:
-                draw(tmp, f"test_seed{seed}.csv", test_pairs, classes, params.num_episodes, seed, fold,
-                     f"test.csv (seed {seed})")  # fmt: skip
-                written["test_files"] += 1
-            val_pairs = read_pairs(layout.split_file(fold, "val"))
-            draw(tmp, "val.csv", val_pairs, classes, params.num_val_episodes, params.val_seed, fold,
-                 "val.csv (validation episodes)")  # fmt: skip
-            written["val_files"] += 1
-        provenance = {
+    def provenance(files: dict) -> str:
+        return json.dumps({
             "class_sampling": sampling,
             "class_sampling_rule": CLASS_SAMPLING_RULES[sampling],
             "max_shots": params.max_shots,
@@ -193,10 +184,29 @@ def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str
             "mismatch_rule": MISMATCH_RULE,
             "columns": list(episode_header(params.max_shots, mismatch=True)),
             "files": files,
-        }
-        atomic_write_text(tmp / PROVENANCE, json.dumps(provenance, indent=2) + "\n")
+        }, indent=2) + "\n"  # fmt: skip
 
-    install_tree(layout.episodes, build)
+    def build_test(tmp: Path) -> None:
+        files: dict[str, dict] = {}
+        for fold in folds:
+            test_pairs = read_pairs(layout.split_file(fold, "test"))
+            for seed in params.test_seeds:
+                draw(tmp, f"fold{fold}/test_seed{seed}.csv", files, test_pairs, fold_classes(fold),
+                     params.num_episodes, seed, fold, f"test.csv (seed {seed})")  # fmt: skip
+                written["test_files"] += 1
+        atomic_write_text(tmp / PROVENANCE, provenance(files))
+
+    def build_val(tmp: Path) -> None:
+        files: dict[str, dict] = {}
+        for fold in folds:
+            val_pairs = read_pairs(layout.split_file(fold, "val"))
+            draw(tmp, f"fold{fold}.csv", files, val_pairs, fold_classes(fold), params.num_val_episodes,
+                 params.val_seed, fold, "val.csv (validation episodes)")  # fmt: skip
+            written["val_files"] += 1
+        atomic_write_text(tmp / PROVENANCE, provenance(files))
+
+    install_tree(layout.episodes, build_test)
+    install_tree(layout.val_episodes, build_val)
     return written
 
 

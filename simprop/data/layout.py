@@ -90,8 +90,13 @@ class DataLayout:
     def test_episode_file(self, fold: int, seed: int) -> Path:
         return self.episodes / f"fold{fold}" / f"test_seed{seed}.csv"
 
+    @property
+    def val_episodes(self) -> Path:
+        """Validation episodes, a tree of their own: the train stages depend on it, not on the test sets."""
+        return self.root / "val_episodes"
+
     def val_episode_file(self, fold: int) -> Path:
-        return self.episodes / f"fold{fold}" / "val.csv"
+        return self.val_episodes / f"fold{fold}.csv"
 
     # ---------------------------------------------------------------- single files
     def image(self, image_id: str) -> Path:

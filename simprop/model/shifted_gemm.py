@@ -43,8 +43,8 @@ def _tap_windows(height: int, width: int, dilation: int) -> Iterator[tuple[int, 
 
     def window(length: int, offset: int) -> tuple[slice, slice]:
         # output rows y with 0 <= y + offset < length, and the input rows y + offset
-        lo, hi = max(0, -offset), max(0, min(length, length - offset))
-        hi = max(lo, hi)
+        lo, hi = max(0, -offset), min(length, length - offset)
+        hi = max(lo, hi)  # empty when the offset is at least the length
         return slice(lo, hi), slice(lo + offset, hi + offset)
 
     for i in range(3):
