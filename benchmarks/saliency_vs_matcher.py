@@ -47,7 +47,7 @@ def main() -> None:
     matcher = PrototypeMatcher(store, torch.device("cpu"), model.backbone_features, params.evaluate.batch_size, cache)
     rows = {}
     for fold in params.splits.folds:
-        episodes = read_episodes(paths.episode_file(fold, "val"), 1)
+        episodes = read_episodes(paths.val_episode_file(fold), 1)
         objects = EpisodeMetrics()
         for e in episodes:
             label = store.label(e.query)

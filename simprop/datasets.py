@@ -32,10 +32,8 @@ class DataPaths(DataLayout):
         return self.split_file(fold, name)
 
     def episode_file(self, fold: int, name: str) -> Path:
-        """``episodes/fold<i>/<name>.csv`` (name: ``test_seed<s>``), or ``val_episodes/fold<i>.csv``
-        for name ``val``."""
-        if name == "val":
-            return self.val_episode_file(fold)
+        """``episodes/fold<i>/<name>.csv`` (name: ``test_seed<s>``); validation episodes live in
+        their own tree (:meth:`val_episode_file`)."""
         return self.episodes / f"fold{fold}" / f"{name}.csv"
 
     @property

@@ -37,11 +37,6 @@ class DistContext:
         return self.rank == 0
 
 
-def under_torchrun() -> bool:
-    """Whether torchrun started this process (it sets ``WORLD_SIZE`` for every worker)."""
-    return "WORLD_SIZE" in os.environ
-
-
 def context_from_env() -> DistContext:
     """The torchrun environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), or a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -4,8 +4,9 @@ Why: a default training step is ~100 small operators at 16-32 channels, each bou
 overhead, not arithmetic, so a second thread helps one training little while two trainings of one
 thread each keep most of their speed side by side: 1.33-1.78x the steps per second of one
 two-thread training on 2 cores (``benchmarks/bench_parallel_folds.py``, table in the README).
-``dvc repro`` runs stages one after another, so the parallelism has to live inside a stage: ``train@<variant>`` and ``evaluate@<variant>`` hand their folds to
-:func:`run_folds`, ``train.parallel_folds`` / ``evaluate.parallel_folds`` at a time.
+``dvc repro`` runs stages one after another, so the parallelism has to live inside a stage:
+``train@<variant>`` and ``evaluate@<variant>`` hand their folds to :func:`run_folds`,
+``train.parallel_folds`` / ``evaluate.parallel_folds`` at a time.
 
 Each fold is exactly what one ``(variant, fold)`` stage did before: its own MLflow run, its own
 outputs, its own seeds (every random draw is keyed by ``(seed, fold, ...)``, never by the process

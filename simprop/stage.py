@@ -11,6 +11,7 @@ closed as KILLED.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,12 @@ def variant_args(description: str, argv: list[str] | None = None) -> argparse.Na
     parser.add_argument("--variant", required=True)
     parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
     return parser.parse_args(argv)
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (it sets ``WORLD_SIZE`` for every worker); here, not
+    in :mod:`simprop.distributed`, so that a stage can ask before importing torch."""
+    return "WORLD_SIZE" in os.environ
 
 
 def stage_folds(params: Params, variant: str, fold: int | None) -> list[int]:

@@ -40,7 +40,6 @@ from simprop.datasets import (
     binary_target,
     read_episodes,
     read_pairs,
-    support_mask,
 )
 from simprop.distributed import DistContext, barrier, gather_across, init_process_group, mean_across
 from simprop.evaluation import EpisodeRunner, resolve_device, write_json
@@ -246,6 +245,7 @@ class Trainer:
         self.data = DataPaths(self.root / params.data.root)
         tp = params.train
         self.store = ImageStore(self.data, tp.image_size)
+        self._targets: dict[tuple[str, int], torch.Tensor] = {}  # see _target
         self.pairs = read_pairs(self.data.split(fold, "train"))
         self.by_class: dict[int, list[str]] = {}
         for image, cls in self.pairs:
@@ -256,7 +256,7 @@ class Trainer:
                     f"{self.data.split(fold, 'train')}: class {cls} has fewer than 2 images, so no support "
                     "different from the query exists; use more data or a looser small-object filter"
                 )
-        self.val_episodes = read_episodes(self.data.episode_file(fold, "val"), 1)
+        self.val_episodes = read_episodes(self.data.val_episode_file(fold), 1)
         self.model = build_model(variant, params.model, init_seed=tp.seed).to(self.device)
         self.iom = IOMHistory(len(self.pairs)) if self.model.uses_iom else None
         backbone_sha256 = self.model.backbone.checksum()
@@ -278,7 +278,7 @@ class Trainer:
                 "backbone_sha256": backbone_sha256,
                 "code": training_code_digest(),
                 "train_split": _file_digest(self.data.split(fold, "train")),
-                "val_episodes": _file_digest(self.data.episode_file(fold, "val")),
+                "val_episodes": _file_digest(self.data.val_episode_file(fold)),
             },
         )
         # What best.pt / last.pt record they were trained as (checked by every loader)
@@ -366,7 +366,7 @@ class Trainer:
         :func:`_sample_rng`, so a sample is the same whichever process builds it.
         """
         tp = self.params.train
-        support_ids, q_targets, s_masks, s_targets, s_images, gray, feed_history = [], [], [], [], [], [], []
+        support_ids, q_targets, s_targets, s_images, gray, feed_history = [], [], [], [], [], []
         items = [self.pairs[i] for i in pair_ids]
         for index, (query, cls) in zip(indices, items):
             rng = _sample_rng(tp.seed, epoch, index)
@@ -374,20 +374,24 @@ class Trainer:
             support = candidates[int(rng.integers(len(candidates)))]
             support_ids.append(support)
             gray.append(bool(self.spec.ica and p_ica > 0 and rng.random() < p_ica))
-            q_targets.append(binary_target(self.store.input_label(query), cls))
-            s_label = self.store.input_label(support)
+            q_targets.append(self._target(query, cls))
             if tp.augment:
-                s_image, s_label = augment_support(self.store.image(support), s_label, tp.scale_min, tp.scale_max, rng)
+                s_image, s_label = augment_support(
+                    self.store.image(support), self.store.input_label(support), tp.scale_min, tp.scale_max, rng
+                )
                 s_images.append(s_image)
-            s_masks.append(support_mask(s_label, cls))
-            s_targets.append(binary_target(s_label, cls))
+                s_targets.append(binary_target(s_label, cls).to(torch.uint8))
+            else:
+                s_targets.append(self._target(support, cls))
             feed_history.append(bool(self.iom is not None and rng.random() < tp.iom_history_p))
         query_ids = [q for q, _ in items]
         gray = torch.tensor(gray, dtype=torch.bool)
+        s_targets = torch.stack(s_targets)[:, None]
         batch = {
-            "query_labels": torch.stack(q_targets).to(self.device),
-            "support_labels": torch.stack(s_targets)[:, None].to(self.device),
-            "support_masks": torch.stack(s_masks)[:, None].to(self.device),
+            "query_labels": torch.stack(q_targets).long().to(self.device),
+            "support_labels": s_targets.long().to(self.device),
+            # support_mask(): the class's pixels; void (255) is not foreground
+            "support_masks": (s_targets == 1).float().to(self.device),
             "ica_fraction": float(gray.float().mean()),
             "pair_ids": torch.tensor(pair_ids, dtype=torch.long),
         }
@@ -395,9 +399,8 @@ class Trainer:
             batch["query_history"] = self.iom.history(pair_ids, feed_history, self.device)
         if self.cache is not None:
             color = self.cache.get(query_ids)
-            if gray.any():
-                averaged = self.cache.get(query_ids, gray=True)
-                color[gray] = averaged[gray]
+            if gray.any():  # the channel-averaged features of the ICA queries only
+                color[gray] = self.cache.get([q for q, g in zip(query_ids, gray.tolist()) if g], gray=True)
             batch["query_feats"] = color.to(self.device)
             batch["support_feats"] = self.cache.get(support_ids)[:, None].to(self.device)
         else:
@@ -408,6 +411,15 @@ class Trainer:
             supports = s_images if tp.augment else [self.store.image(s) for s in support_ids]
             batch["support_imgs"] = torch.stack(supports)[:, None].to(self.device)
         return batch
+
+    def _target(self, image_id: str, cls: int) -> torch.Tensor:
+        """:func:`binary_target` of an unaugmented image for ``cls`` as uint8 {0, 1, 255}, made once
+        per (image, class) and kept: an image is a query or support in ~50 steps of a training."""
+        key = (image_id, cls)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = binary_target(self.store.input_label(image_id), cls).to(torch.uint8)
+        return target
 
     def _step(self, batch: dict) -> float:
         size = self.params.train.image_size

@@ -12,12 +12,11 @@ relaunches itself under torchrun (one process per GPU); it can also be started b
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 from simprop.params import Params
-from simprop.stage import run_stage, stage_folds, variant_args
+from simprop.stage import run_stage, stage_folds, under_torchrun, variant_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         folds = stage_folds(params, args.variant, args.fold)
         from simprop.parallel import run_folds
 
-        if params.train.processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun
+        if params.train.processes > 1 and not under_torchrun():
             # train.processes > 1: relaunch this script under torchrun per fold, one process per GPU.
             from simprop.distributed import torchrun_command
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from simprop.model import build_model
 from simprop.model.canet import CANetFusion
+from simprop.model.decoder import ASPP, DilatedConv2d
 from simprop.model.fbaf import FBAFFusion
 from simprop.model.prototype_conv import conv_with_tiled_prototype
 from simprop.params import ModelParams
@@ -94,6 +95,47 @@ def test_tiled_prototype_shortcut_backpropagates_like_the_naive_convolution():
         grads.append([features.grad.clone(), prototype.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()])
     for naive, fast in zip(*grads):
         torch.testing.assert_close(fast, naive, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dilation,size",
+    [(6, (9, 9)), (12, (9, 9)), (18, (9, 9)), (12, (20, 9)), (12, (9, 20)), (2, (41, 41)), (18, (41, 41)), (3, (3, 3))],
+)
+def test_dilated_conv_skipping_padding_taps_equals_conv2d_in_values_and_gradients(dilation, size):
+    """ASPP's branches drop the taps that read only zero padding (d >= the map's height or width):
+    the same outputs and the same input, weight and bias gradients as ``nn.Conv2d``."""
+    torch.manual_seed(0)
+    naive = nn.Conv2d(6, 5, 3, padding=dilation, dilation=dilation)
+    fast = DilatedConv2d(6, 5, dilation)
+    fast.load_state_dict(naive.state_dict())
+    assert list(fast.state_dict()) == list(naive.state_dict())
+    x = torch.randn(3, 6, *size, requires_grad=True)
+    results = []
+    for conv in (naive, fast):
+        x.grad = None
+        out = conv(x)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        results.append([out.detach(), x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()])
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float summation order only
+    if dilation >= max(size):  # only the middle tap reads the map: the others get exactly no gradient
+        outer = fast.weight.grad.clone()
+        outer[:, :, 1, 1] = 0
+        assert float(outer.abs().max()) == 0.0
+
+
+def test_aspp_branches_skip_padding_taps_only_on_small_maps():
+    torch.manual_seed(0)
+    aspp = ASPP(8, 4)
+    dilated = [branch[0] for branch in aspp.branches[1:]]
+    assert [type(conv) for conv in dilated] == [DilatedConv2d] * 3
+    assert [conv.dilation[0] for conv in dilated] == [6, 12, 18]
+    for size in ((9, 9), (41, 41)):
+        x = torch.randn(2, 8, *size)
+        with torch.no_grad():
+            for conv in dilated:
+                reference = F.conv2d(x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
+                assert float((conv(x) - reference).abs().max()) <= 1e-5
 
 
 def test_shortcut_refuses_convolutions_it_does_not_cover():

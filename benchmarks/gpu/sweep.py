@@ -82,7 +82,7 @@ def worker(cfg):
     ttrain = time.time() - t0
     model, _ = load_checkpoint(trainer.paths.best, map_location=device)
     paths = DataPaths(run_root / "data"); store = ImageStore(paths, params.evaluate.image_size)
-    val1 = read_episodes(paths.episode_file(fold, "val"), 1); val5 = read_episodes(paths.episode_file(fold, "val"), 5)
+    val1 = read_episodes(paths.val_episode_file(fold), 1); val5 = read_episodes(paths.val_episode_file(fold), 5)
     pairs = read_pairs(paths.split(fold, "val"))
     r = EpisodeRunner(model, store, device, 32, trainer.cache)
     m = PrototypeMatcher(store, device, model.backbone_features, 32, trainer.cache)

@@ -160,20 +160,6 @@ def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str
     written = {"test_files": 0, "val_files": 0}
     sampling = getattr(params, "class_sampling", "pairs")
 
-    def draw(tmp: Path, name: str, files: dict, pairs, classes, num: int, seed: int, fold: int, source: str) -> None:
-        episodes = draw_episodes(
-            pairs, classes, num_episodes=num, max_shots=params.max_shots, seed=seed, fold=fold,
-            source=source, class_sampling=sampling,
-        )  # fmt: skip
-        write_episodes(tmp / name, episodes)
-        counts = Counter(e.cls for e in episodes)
-        files[name] = {
-            "pool": f"splits/fold{fold}/{source.split(' ')[0]}",
-            "seed": seed,
-            "episodes": len(episodes),
-            "episodes_per_class": {class_name(c): counts.get(c, 0) for c in classes},
-        }
-
     def provenance(files: dict) -> str:
         return json.dumps({
             "class_sampling": sampling,
@@ -186,27 +172,37 @@ def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str
             "files": files,
         }, indent=2) + "\n"  # fmt: skip
 
-    def build_test(tmp: Path) -> None:
-        files: dict[str, dict] = {}
-        for fold in folds:
-            test_pairs = read_pairs(layout.split_file(fold, "test"))
-            for seed in params.test_seeds:
-                draw(tmp, f"fold{fold}/test_seed{seed}.csv", files, test_pairs, fold_classes(fold),
-                     params.num_episodes, seed, fold, f"test.csv (seed {seed})")  # fmt: skip
-                written["test_files"] += 1
-        atomic_write_text(tmp / PROVENANCE, provenance(files))
+    def tree(jobs: list[tuple[str, int, str, int, int, str]], counter: str):
+        """Fills a tree with one episode file per job ``(file, fold, pool, episodes, seed, source)``
+        and its provenance.json."""
 
-    def build_val(tmp: Path) -> None:
-        files: dict[str, dict] = {}
-        for fold in folds:
-            val_pairs = read_pairs(layout.split_file(fold, "val"))
-            draw(tmp, f"fold{fold}.csv", files, val_pairs, fold_classes(fold), params.num_val_episodes,
-                 params.val_seed, fold, "val.csv (validation episodes)")  # fmt: skip
-            written["val_files"] += 1
-        atomic_write_text(tmp / PROVENANCE, provenance(files))
+        def fill(tmp: Path) -> None:
+            files: dict[str, dict] = {}
+            for name, fold, pool, num, seed, source in jobs:
+                classes = fold_classes(fold)
+                episodes = draw_episodes(
+                    read_pairs(layout.split_file(fold, pool)), classes, num_episodes=num, max_shots=params.max_shots,
+                    seed=seed, fold=fold, source=source, class_sampling=sampling,
+                )  # fmt: skip
+                write_episodes(tmp / name, episodes)
+                counts = Counter(e.cls for e in episodes)
+                files[name] = {
+                    "pool": f"splits/fold{fold}/{pool}.csv",
+                    "seed": seed,
+                    "episodes": len(episodes),
+                    "episodes_per_class": {class_name(c): counts.get(c, 0) for c in classes},
+                }
+                written[counter] += 1
+            atomic_write_text(tmp / PROVENANCE, provenance(files))
 
-    install_tree(layout.episodes, build_test)
-    install_tree(layout.val_episodes, build_val)
+        return fill
+
+    test_jobs = [(f"fold{fold}/test_seed{seed}.csv", fold, "test", params.num_episodes, seed, f"test.csv (seed {seed})")
+                 for fold in folds for seed in params.test_seeds]  # fmt: skip
+    val_jobs = [(f"fold{fold}.csv", fold, "val", params.num_val_episodes, params.val_seed, "val.csv (validation episodes)")
+                for fold in folds]  # fmt: skip
+    install_tree(layout.episodes, tree(test_jobs, "test_files"))
+    install_tree(layout.val_episodes, tree(val_jobs, "val_files"))
     return written
 
 
