@@ -24,9 +24,13 @@ class DilatedConv2d(nn.Conv2d):
     dropped taps, as before) up to float summation order.  On the default setup's 9 x 9 feature
     maps this turns ASPP's dilation-12 and -18 branches into 1x1 convolutions: on the FBAF
     variants' input (16 maps of 32 channels) 2.57 + 2.41 ms -> 1.11 + 0.96 ms forward + backward
-    per step on one thread (``benchmarks/bench_train_step.py``, part 3).  At the paper's 41 x 41
-    no tap is dropped and the call is ``conv2d`` as before.  Same parameters and
-    state-dict keys as ``nn.Conv2d``; ``tests/test_model.py`` checks values and gradients.
+    per step on one thread (``benchmarks/bench_train_step.py``, part 3).  Only on the CPU: on a
+    GPU these convolutions are bound by kernel launches, and the sliced kernel's copy and its
+    gradient's scatter are extra launches (H200, 16 x 32 x 9 x 9, dilation 12 / 18: conv2d 0.32 /
+    0.33 ms, the sliced form 0.52 / 0.70 ms forward + backward; ``benchmarks/gpu/dilated_check.py``,
+    ``benchmarks/results/h200_dilated_check_before_cpu_only.json``), so there it calls ``conv2d``.
+    At the paper's 41 x 41 no tap is dropped anyway.  Same parameters and state-dict keys as
+    ``nn.Conv2d``; ``tests/test_model_fusion.py`` checks values and gradients.
     """
 
     def __init__(self, in_channels: int, out_channels: int, dilation: int) -> None:
@@ -34,6 +38,8 @@ class DilatedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.dilation[0]
+        if x.device.type != "cpu" or d < min(x.shape[-2:]):  # every tap reaches the map somewhere
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)
         rows, pad_h = (slice(1, 2), 0) if d >= x.shape[-2] else (slice(0, 3), d)
         cols, pad_w = (slice(1, 2), 0) if d >= x.shape[-1] else (slice(0, 3), d)
         return F.conv2d(x, self.weight[:, :, rows, cols], self.bias, padding=(pad_h, pad_w), dilation=d)
