@@ -413,12 +413,19 @@ class Trainer:
         return batch
 
     def _target(self, image_id: str, cls: int) -> torch.Tensor:
-        """:func:`binary_target` of an unaugmented image for ``cls`` as uint8 {0, 1, 255}, made once
-        per (image, class) and kept: an image is a query or support in ~50 steps of a training."""
+        """:func:`binary_target` of an unaugmented image for ``cls`` as uint8 {0, 1, 255}.
+
+        With the feature cache (the default setup: small inputs, an image is a query or support in
+        ~50 steps of a training) it is made once per (image, class) and kept (~4 KB each); without
+        it (the paper setup: 321 px, ~11k training pairs, ~100 KB each) it is made per use, so the
+        trainer does not hold another ~1 GB beside the images it already memoises.
+        """
         key = (image_id, cls)
         target = self._targets.get(key)
         if target is None:
-            target = self._targets[key] = binary_target(self.store.input_label(image_id), cls).to(torch.uint8)
+            target = binary_target(self.store.input_label(image_id), cls).to(torch.uint8)
+            if self.cache is not None:
+                self._targets[key] = target
         return target
 
     def _step(self, batch: dict) -> float:

@@ -60,3 +60,20 @@ def test_history_is_zeros_when_never_drawn_and_absent_for_variants_without_iom(d
     again = run._batch(1, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
     assert not again["query_history"].any()
     assert trainer(data_pipeline, "simpropnet", iom_history_p=1.0).iom is None
+
+
+def test_batch_targets_and_masks_come_from_the_labels_and_are_not_kept_without_the_feature_cache(data_pipeline):
+    from simprop.datasets import binary_target
+
+    run = trainer(data_pipeline, "dpr", iom_history_p=0.0)
+    assert run.cache is None  # the paper setup's path: 321 px targets would be ~100 KB a pair
+    pairs = [0, 1, 2, 3]
+    batch = run._batch(0, [0, 1, 2, 3], pairs, 0.0)
+    for row, pair in enumerate(pairs):
+        query, cls = run.pairs[pair]
+        torch.testing.assert_close(batch["query_labels"][row], binary_target(run.store.input_label(query), cls))
+    support_targets = batch["support_labels"][:, 0]
+    assert set(support_targets.unique().tolist()) <= {0, 1, 255}
+    torch.testing.assert_close(batch["support_masks"][:, 0], (support_targets == 1).float())
+    assert batch["support_masks"].dtype == torch.float32 and batch["query_labels"].dtype == torch.long
+    assert run._targets == {}
