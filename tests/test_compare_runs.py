@@ -15,6 +15,15 @@ def _git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def _new_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "config", "user.email", "t@example.com")
+    _git(repo, "config", "user.name", "t")
+    return repo
+
+
 def _commit_run(repo: Path, one_shot: dict, gain: dict, old_layout: bool) -> str:
     """Writes a metrics/evaluate tree (1-shot mean and support gain per (variant, fold)) and commits it."""
     for variant in VARIANTS:
@@ -34,11 +43,7 @@ def _commit_run(repo: Path, one_shot: dict, gain: dict, old_layout: bool) -> str
 
 
 def test_runs_side_by_side_across_both_layouts(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "t@example.com")
-    _git(repo, "config", "user.name", "t")
+    repo = _new_repo(tmp_path)
     first = _commit_run(repo, {("simpropnet", 0): 60.0}, {("simpropnet", 0): 30.0}, old_layout=True)
     second = _commit_run(repo, {("simpropnet", 0): 40.0}, {("simpropnet", 0): 5.0, ("canet", 3): 9.99}, old_layout=False)
     done = subprocess.run([sys.executable, str(SCRIPT), first, second, "--repo", str(repo)], capture_output=True, text=True)
@@ -51,11 +56,7 @@ def test_runs_side_by_side_across_both_layouts(tmp_path):
 
 
 def test_a_run_without_a_record_is_an_error_that_names_it(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _git(repo, "config", "user.email", "t@example.com")
-    _git(repo, "config", "user.name", "t")
+    repo = _new_repo(tmp_path)
     (repo / "README").write_text("no metrics here\n")
     _git(repo, "add", "-A")
     _git(repo, "commit", "-q", "-m", "empty")
