@@ -31,24 +31,32 @@ from torch import Tensor
 
 
 class SGD:
-    """Stochastic gradient descent with momentum and (L2) weight decay; one parameter group.
+    """Stochastic gradient descent with momentum and (L2) weight decay.
 
-    ``param_groups[0]["lr"]`` may be changed between steps (the trainer's learning-rate
-    schedule does), as with ``torch.optim``.
+    ``params`` is a list of tensors (one parameter group) or, as with ``torch.optim``, a list
+    of dicts, one group each (the trainer's ``train.projection_lr_scale`` group). Each group's
+    ``"lr"`` may be changed between steps (the trainer's learning-rate schedule does).
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0) -> None:  # fmt: skip
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0) -> None:  # fmt: skip
         for name, value in (("lr", lr), ("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"SGD: {name} must be a finite number >= 0, got {value!r}")
         params = list(params)
         if not params:
             raise ValueError("SGD got an empty parameter list (no trainable parameters)")
-        self.param_groups: list[dict[str, Any]] = [{
-            "params": params, "lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
-            "weight_decay": float(weight_decay), "nesterov": False, "maximize": False,
-        }]  # fmt: skip
+        # As torch.optim: a list of tensors is one group; a list of dicts is one group each, whose
+        # own keys (e.g. "lr") override the defaults and whose extra keys are kept
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        defaults = {"lr": float(lr), "momentum": float(momentum), "dampening": float(dampening),
+                    "weight_decay": float(weight_decay), "nesterov": False, "maximize": False}  # fmt: skip
+        self.param_groups: list[dict[str, Any]] = []
+        for group in groups:
+            tensors = list(group["params"])
+            if not tensors:
+                raise ValueError("SGD got a parameter group without parameters")
+            self.param_groups.append({**defaults, **group, "params": tensors})
         self.state: dict[Tensor, dict[str, Tensor]] = {}
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -162,6 +162,30 @@ def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) ->
     return base_lr * (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
 
 
+def parameter_groups(model, projection_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter at ``train.lr``, except the
+    encoder's projection (1536 -> ``model.channels``, ReLU) at ``train.lr * train.projection_lr_scale``
+    when that scale is not 1.
+
+    Why a separate rate: the projection reads the frozen backbone's ReLU features, which are all
+    non-negative with a large common mean (default setup: per-channel mean 0.46, std 0.58; one
+    3 x 3 receptive field has a squared norm of ~6,000), so one SGD step moves a projection
+    unit's pre-activation by ~lr x 6,000 x its error signal, the same sign at every pixel. At the
+    head's rate such steps push whole units below zero everywhere, where ReLU passes no gradient
+    to revive them: on the default setup at lr 0.05, 3 to 12 of the 16 projection channels were
+    dead (zero on every pixel of 100 cached images, ``benchmarks/dead_channels.py``) in the
+    checkpoints of the run before this parameter; ``simpropnet`` fold 0 had lost 8 of them by
+    step 50 (docs/architecture.md, "Dead projection channels"). CANet's ``train.py`` uses one
+    rate (2.5e-3 with 256 channels); the paper setup keeps that (scale 1).
+    """
+    if projection_lr_scale == 1.0:
+        return [{"params": model.trainable_parameters()}]
+    projection = list(model.projection.parameters())
+    ids = {id(p) for p in projection}
+    head = [p for p in model.trainable_parameters() if id(p) not in ids]
+    return [{"params": head, "lr_scale": 1.0}, {"params": projection, "lr_scale": float(projection_lr_scale)}]
+
+
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
     """Which training pair each of the epoch's ``needed`` samples is (repeating the permutation)."""
     return np.resize(np.random.default_rng([seed, epoch]).permutation(num_pairs), needed)
@@ -269,7 +293,8 @@ class Trainer:
                     f"image size {tp.image_size}; run `dvc repro features` first"
                 )
         # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
-        self.optimizer = SGD(self.model.trainable_parameters(), lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+        self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
+                             weight_decay=tp.weight_decay)  # fmt: skip
         self.fingerprint = run_fingerprint(
             params,
             variant,
@@ -476,8 +501,9 @@ class Trainer:
                 first = it * tp.batch_size + ctx.rank * local
                 indices = list(range(first, first + local))
                 pair_ids = [int(i) for i in order[indices]]
+                lr = learning_rate(tp.lr, tp.lr_schedule, epoch * per_epoch + it, tp.epochs * per_epoch)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate(tp.lr, tp.lr_schedule, epoch * per_epoch + it, tp.epochs * per_epoch)
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 loss = mean_across(ctx, self._step(self._batch(epoch, indices, pair_ids, p_ica)), self.device)
                 step = epoch * per_epoch + it
                 if not math.isfinite(loss):

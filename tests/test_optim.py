@@ -101,3 +101,23 @@ def test_the_trainer_does_not_import_torch_dynamo():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_parameter_groups_take_their_own_learning_rate_as_torch_sgd_does():
+    ours, theirs = _network(2), _network(2)
+    kwargs = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def groups(net):
+        return [{"params": net[0].parameters(), "lr_scale": 1.0}, {"params": net[2].parameters(), "lr": 0.005}]
+
+    opt_a, opt_b = SGD(groups(ours), **kwargs), torch.optim.SGD(groups(theirs), **kwargs)
+    assert [g["lr"] for g in opt_a.param_groups] == [0.05, 0.005]
+    assert opt_a.param_groups[0]["lr_scale"] == 1.0  # extra keys kept, as torch keeps them
+    assert _train(ours, opt_a, range(20)) == _train(theirs, opt_b, range(20))
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        assert torch.equal(p, q), name
+    restored = SGD(groups(_network(2)), lr=1.0)
+    restored.load_state_dict(opt_b.state_dict())
+    assert [g["lr"] for g in restored.param_groups] == [0.05, 0.005]
+    with pytest.raises(ValueError, match="without parameters"):
+        SGD([{"params": []}], lr=0.1)

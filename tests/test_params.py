@@ -38,6 +38,8 @@ def test_committed_params_are_valid():
         (lambda p: p["episodes"].__setitem__("val_seed", 1), "episodes.val_seed"),
         (lambda p: p["data"]["synthetic"].pop("seed"), "data.synthetic.seed"),
         (lambda p: p["evaluate"].__setitem__("shots", [1, 7]), "evaluate.shots"),
+        (lambda p: p["train"].__setitem__("projection_lr_scale", 0), "train.projection_lr_scale"),
+        (lambda p: p["train"].__setitem__("projection_lr_scale", -0.1), "train.projection_lr_scale"),
     ],
 )
 def test_bad_params_name_the_key(edit, key):
@@ -96,6 +98,7 @@ def test_protocol_options_are_validated(section, key, good, bad):
         ("train", "lr", float("nan")),
         ("train", "lr", float("inf")),
         ("train", "weight_decay", float("nan")),
+        ("train", "projection_lr_scale", float("inf")),
         ("train", "momentum", float("-inf")),
         ("model", "dropout", float("nan")),
         ("backbone", "residual_scale", float("nan")),

@@ -320,6 +320,8 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     assert "CANet's code" in rows["scoring (paper columns)"] and "321x321" in rows["scoring (paper columns)"]
     assert "-S evaluate.resolution=321" in rows["scoring (paper columns)"]
     assert "metrics/splits.json` not found" in rows["published lists"]
+    t = params.train
+    assert f"lr {t.lr} ({t.lr_schedule}; encoder projection x {t.projection_lr_scale})" in rows["training"]
 
     other = dataclasses.replace(
         params,

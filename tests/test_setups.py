@@ -52,3 +52,17 @@ def test_both_setups_use_the_fields_episode_sampling_and_scoring():
     # the paper's convention is one override away, as the README shows
     params = params_from_dict(composed("setup=paper", "evaluate.resolution=321"))
     assert params.evaluate.resolution == "321" and params.train.image_size == 321
+
+
+def test_every_training_param_is_a_declared_dependency_of_the_train_stage():
+    """`dvc exp run -S train.<key>=...` must rerun training for every key the trainer reads: DVC
+    only tracks the params a stage lists (train.variants / train.folds are in the stage's
+    templating, which DVC tracks by itself)."""
+    import dataclasses
+
+    from simprop.params import TrainParams
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["do"]
+    listed = {p for p in stage["params"] if isinstance(p, str)}
+    missing = {f"train.{f.name}" for f in dataclasses.fields(TrainParams)} - {"train.variants", "train.folds"} - listed
+    assert not missing, f"dvc.yaml train stage does not list {sorted(missing)}"

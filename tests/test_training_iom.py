@@ -29,11 +29,11 @@ def test_iom_history_table_feeds_only_seen_and_drawn_pairs():
     torch.testing.assert_close(restored.history([4], [True], torch.device("cpu")), probs[1:2].half().float())
 
 
-def trainer(data_pipeline, variant: str, iom_history_p: float) -> Trainer:
+def trainer(data_pipeline, variant: str, iom_history_p: float, **train_params) -> Trainer:
     layout, params, _ = data_pipeline
     model = dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.0)
     train = dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=False,
-                                augment=False, iom_history_p=iom_history_p, device="cpu")  # fmt: skip
+                                augment=False, iom_history_p=iom_history_p, device="cpu", **train_params)  # fmt: skip
     params = dataclasses.replace(params, model=model, train=train)
     return Trainer(params, variant, 0, layout.root.parent)
 
@@ -77,3 +77,35 @@ def test_batch_targets_and_masks_come_from_the_labels_and_are_not_kept_without_t
     torch.testing.assert_close(batch["support_masks"][:, 0], (support_targets == 1).float())
     assert batch["support_masks"].dtype == torch.float32 and batch["query_labels"].dtype == torch.long
     assert run._targets == {}
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1])
+def test_the_projection_steps_at_train_projection_lr_scale_times_the_rate_of_the_rest(data_pipeline, tmp_path, scale):
+    layout, params, _ = data_pipeline
+    (tmp_path / params.data.root).symlink_to(layout.root)  # own models/ dir: the shared tree stays untouched
+    model = dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.0)
+    train = dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=False, augment=False,
+                                device="cpu", lr=0.5, momentum=0.0, weight_decay=0.0, projection_lr_scale=scale,
+                                epochs=1, iterations_per_epoch=1)  # fmt: skip
+    run = Trainer(dataclasses.replace(params, model=model, train=train), "canet", 0, tmp_path)
+    projection = {id(p) for p in run.model.projection.parameters()}
+    groups = run.optimizer.param_groups
+    assert len(groups) == (1 if scale == 1.0 else 2)  # scale 1: one group, the optimizer state as before
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in run.model.trainable_parameters()}
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    grads = {}
+    step = run._step
+
+    def step_and_keep_grads(batch):
+        loss = step(batch)
+        grads.update({n: p.grad.detach().clone() for n, p in run.model.named_parameters() if p.grad is not None})
+        return loss
+
+    run._step = step_and_keep_grads
+    run.run()  # one epoch of one step, through the trainer's own learning-rate assignment
+    moved = [float((p.detach() - before[n]).abs().max()) for n, p in run.model.named_parameters() if id(p) in projection]
+    assert min(moved) > 1e-5  # the projection did get a step, far above the tolerance below
+    for name, p in run.model.named_parameters():
+        if name in grads:  # plain SGD (no momentum, no decay): p_new = p_old - rate * grad
+            rate = 0.5 * (scale if id(p) in projection else 1.0)
+            torch.testing.assert_close(p.detach(), before[name] - rate * grads[name], rtol=0, atol=1e-7, msg=name)
