@@ -37,6 +37,12 @@ def alive_channels(model, features: torch.Tensor, threshold: float = 0.0) -> tup
     return int(active.sum()), int(active.numel())
 
 
+def probe_features(path: Path, images: int) -> torch.Tensor:
+    """The first ``images`` rows of a feature-cache array ([h, w, C] fp16) as [N, C, h, w] float32."""
+    rows = np.load(path, mmap_mode="r")[:images]
+    return torch.from_numpy(np.asarray(rows, dtype=np.float32)).permute(0, 3, 1, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=REPO / "models")
@@ -46,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.features.is_file():
         parser.error(f"{args.features}: no feature cache; run `dvc repro features` first")
-    rows = np.load(args.features, mmap_mode="r")[: args.images]
-    features = torch.from_numpy(np.asarray(rows, dtype=np.float32)).permute(0, 3, 1, 2)
+    features = probe_features(args.features, args.images)
     folds = load_params(REPO / "params.yaml").train.folds
     lines = ["| variant | " + " | ".join(f"fold {f}" for f in folds) + " |", "|---|" + "---|" * len(folds)]
     for variant in VARIANTS:

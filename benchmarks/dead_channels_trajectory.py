@@ -13,13 +13,13 @@ images (``benchmarks/dead_channels.py``'s rule) and prints one JSON line at the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 
-from dead_channels import alive_channels  # noqa: E402
+from dead_channels import alive_channels, probe_features  # noqa: E402
 from simprop.params import load_params  # noqa: E402
 from sweep import override  # noqa: E402
 
@@ -48,25 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     params = override(load_params(REPO / "params.yaml"), **{"train.epochs": args.epochs, **sets})
     from simprop.training import Trainer
 
-    features = np.load(REPO / "data" / "features" / "color.npy", mmap_mode="r")[:100]
-    probe = torch.from_numpy(np.asarray(features, dtype=np.float32)).permute(0, 3, 1, 2)
+    probe = probe_features(REPO / "data" / "features" / "color.npy", 100)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "models").mkdir()
         (root / "data").symlink_to(REPO / "data")
         (root / "models" / "backbone").symlink_to(REPO / "models" / "backbone")
         trainer = Trainer(params, args.variant, args.fold, root)
-        step, trajectory = trainer._step, []
+        step, steps, trajectory = trainer._step, itertools.count(1), []
 
         def counted(batch):
             loss = step(batch)
-            n = len(trajectory_steps) + 1
-            trajectory_steps.append(n)
+            n = next(steps)
             if n in PROBES or n % 100 == 0:
                 trajectory.append({"step": n, "alive": alive_channels(trainer.model, probe)[0], "loss": round(loss, 4)})
             return loss
 
-        trajectory_steps: list[int] = []
         trainer._step = counted
         summary = trainer.run()
     print(json.dumps({"variant": args.variant, "fold": args.fold, "set": sets,

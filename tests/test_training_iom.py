@@ -29,13 +29,15 @@ def test_iom_history_table_feeds_only_seen_and_drawn_pairs():
     torch.testing.assert_close(restored.history([4], [True], torch.device("cpu")), probs[1:2].half().float())
 
 
-def trainer(data_pipeline, variant: str, iom_history_p: float, **train_params) -> Trainer:
+def trainer(data_pipeline, variant: str, iom_history_p: float, root=None, **train_params) -> Trainer:
+    """A small CPU trainer on fold 0 of the shared tree; ``root`` (holding a link to the data)
+    gives it its own models/ directory, for tests that write checkpoints."""
     layout, params, _ = data_pipeline
     model = dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.0)
     train = dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=False,
                                 augment=False, iom_history_p=iom_history_p, device="cpu", **train_params)  # fmt: skip
     params = dataclasses.replace(params, model=model, train=train)
-    return Trainer(params, variant, 0, layout.root.parent)
+    return Trainer(params, variant, 0, root if root is not None else layout.root.parent)
 
 
 def test_a_pairs_prediction_comes_back_as_its_history_the_next_time_it_is_drawn(data_pipeline):
@@ -83,11 +85,8 @@ def test_batch_targets_and_masks_come_from_the_labels_and_are_not_kept_without_t
 def test_the_projection_steps_at_train_projection_lr_scale_times_the_rate_of_the_rest(data_pipeline, tmp_path, scale):
     layout, params, _ = data_pipeline
     (tmp_path / params.data.root).symlink_to(layout.root)  # own models/ dir: the shared tree stays untouched
-    model = dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.0)
-    train = dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=False, augment=False,
-                                device="cpu", lr=0.5, momentum=0.0, weight_decay=0.0, projection_lr_scale=scale,
-                                epochs=1, iterations_per_epoch=1)  # fmt: skip
-    run = Trainer(dataclasses.replace(params, model=model, train=train), "canet", 0, tmp_path)
+    run = trainer(data_pipeline, "canet", iom_history_p=params.train.iom_history_p, root=tmp_path, lr=0.5, momentum=0.0,
+                  weight_decay=0.0, projection_lr_scale=scale, epochs=1, iterations_per_epoch=1)  # fmt: skip
     projection = {id(p) for p in run.model.projection.parameters()}
     groups = run.optimizer.param_groups
     assert len(groups) == (1 if scale == 1.0 else 2)  # scale 1: one group, the optimizer state as before
