@@ -179,7 +179,8 @@ class TrainParams:
     folds: tuple[int, ...] = FOLDS
     lr: float = 2.5e-3
     lr_schedule: Literal["constant", "poly"] = "constant"  # poly: lr * (1 - step / steps) ** 0.9
-    # the encoder projection's rate is lr * projection_lr_scale (simprop.training.parameter_groups)
+    # the encoder projection's rate is lr * projection_lr_scale (simprop.training.parameter_groups);
+    # 0 freezes it at its seeded initialisation
     projection_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -216,7 +217,10 @@ class TrainParams:
         if not self.variants:
             raise ParamsError(f"{key}.variants: give at least one variant")
         _folds(self.folds, f"{key}.folds")
-        _positive(self, key, "lr", "projection_lr_scale", "batch_size", "epochs", "image_size", "val_every")
+        _positive(self, key, "lr", "batch_size", "epochs", "image_size", "val_every")
+        if self.projection_lr_scale < 0:
+            raise ParamsError(f"{key}.projection_lr_scale: must be >= 0 (0 freezes the encoder conv), "
+                              f"got {self.projection_lr_scale}")  # fmt: skip
         if self.iterations_per_epoch < 0:
             raise ParamsError(f"{key}.iterations_per_epoch: must be >= 0, got {self.iterations_per_epoch}")
         if not 0 <= self.momentum < 1:

@@ -177,13 +177,53 @@ def parameter_groups(model, projection_lr_scale: float) -> list[dict]:
     checkpoints of the run before this parameter; ``simpropnet`` fold 0 had lost 8 of them by
     step 50 (docs/architecture.md, "Dead projection channels"). CANet's ``train.py`` uses one
     rate (2.5e-3 with 256 channels); the paper setup keeps that (scale 1).
+
+    Scale 0 freezes the projection at its seeded initialisation: its parameters stop requiring
+    gradients and are left out of the optimizer (so weight decay cannot shrink them either), and
+    the trainer feeds the network its cached outputs (:class:`EncodedFeatures`).
     """
     if projection_lr_scale == 1.0:
         return [{"params": model.trainable_parameters()}]
     projection = list(model.projection.parameters())
     ids = {id(p) for p in projection}
     head = [p for p in model.trainable_parameters() if id(p) not in ids]
+    if projection_lr_scale == 0.0:
+        for p in projection:
+            p.requires_grad_(False)
+        return [{"params": head}]
     return [{"params": head, "lr_scale": 1.0}, {"params": projection, "lr_scale": float(projection_lr_scale)}]
+
+
+class EncodedFeatures:
+    """The frozen encoder conv and ReLU of every image of the feature cache, computed once.
+
+    With ``train.projection_lr_scale = 0`` the projection is a fixed function of the image, so a
+    training need not run its 1536-channel convolution, forward and backward, on every batch:
+    on the default setup that product was half of each step (``benchmarks/bench_train_step.py``).
+    The network gets these maps as ``query_encoded`` / ``support_encoded`` and applies the
+    projection's dropout itself (:meth:`simprop.model.network.SimPropNet.forward`); the result
+    is the training of the uncached path up to float summation order
+    (``tests/test_frozen_projection.py``).
+    """
+
+    def __init__(self, projection, cache: FeatureCache, device: torch.device, gray: bool, chunk: int = 256) -> None:
+        self.index = dict(cache.index)
+        ids = sorted(self.index, key=self.index.get)
+        self.color = self._encode(projection, cache, ids, device, chunk, gray=False)
+        self.gray = self._encode(projection, cache, ids, device, chunk, gray=True) if gray else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _encode(projection, cache: FeatureCache, ids: list[str], device: torch.device, chunk: int, gray: bool) -> torch.Tensor:
+        parts = [projection.conv_relu(cache.get(ids[i : i + chunk], gray=gray).to(device)) for i in range(0, len(ids), chunk)]
+        return torch.cat(parts).contiguous()
+
+    def get(self, image_ids: list[str], gray: bool = False) -> torch.Tensor:
+        table = self.gray if gray else self.color
+        if table is None:
+            raise RuntimeError("EncodedFeatures was built without the channel-averaged (ICA) features")
+        rows = torch.tensor([self.index[i] for i in image_ids], dtype=torch.long, device=table.device)
+        return table.index_select(0, rows)
 
 
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
@@ -295,6 +335,10 @@ class Trainer:
         # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
         self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
                              weight_decay=tp.weight_decay)  # fmt: skip
+        # a frozen projection on cached features: its outputs once, not its convolution every step
+        self.encoded: EncodedFeatures | None = None
+        if self.cache is not None and tp.projection_lr_scale == 0.0:
+            self.encoded = EncodedFeatures(self.model.projection, self.cache, self.device, gray=self.spec.ica)
         self.fingerprint = run_fingerprint(
             params,
             variant,
@@ -422,12 +466,14 @@ class Trainer:
         }
         if self.iom is not None:
             batch["query_history"] = self.iom.history(pair_ids, feed_history, self.device)
-        if self.cache is not None:
-            color = self.cache.get(query_ids)
+        features = self.encoded if self.encoded is not None else self.cache
+        if features is not None:
+            color = features.get(query_ids)
             if gray.any():  # the channel-averaged features of the ICA queries only
-                color[gray] = self.cache.get([q for q, g in zip(query_ids, gray.tolist()) if g], gray=True)
-            batch["query_feats"] = color.to(self.device)
-            batch["support_feats"] = self.cache.get(support_ids)[:, None].to(self.device)
+                color[gray] = features.get([q for q, g in zip(query_ids, gray.tolist()) if g], gray=True)
+            kind = "encoded" if self.encoded is not None else "feats"
+            batch[f"query_{kind}"] = color.to(self.device)
+            batch[f"support_{kind}"] = features.get(support_ids)[:, None].to(self.device)
         else:
             queries = torch.stack([self.store.image(q) for q in query_ids])
             if gray.any():
@@ -455,8 +501,8 @@ class Trainer:
 
     def _step(self, batch: dict) -> float:
         size = self.params.train.image_size
-        inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats", "query_history")
-                  if batch.get(k) is not None}  # fmt: skip
+        inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats", "query_encoded",
+                                        "support_encoded", "query_history") if batch.get(k) is not None}  # fmt: skip
         with autocast(self.device, self.params.train.amp):
             outputs = self.network(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
             loss = dual_prediction_loss(

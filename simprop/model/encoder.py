@@ -201,3 +201,11 @@ class FeatureProjection(nn.Sequential):
             nn.ReLU(inplace=True),
             nn.Dropout2d(dropout),
         )
+
+    def conv_relu(self, x: Tensor) -> Tensor:
+        """The conv and ReLU alone: with frozen weights, a function of the image (no dropout)."""
+        return self[1](self[0](x))
+
+    @property
+    def dropout(self) -> nn.Dropout2d:
+        return self[2]

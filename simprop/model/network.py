@@ -65,7 +65,8 @@ class SimPropNet(nn.Module):
     Call ``model(query_img, support_imgs, support_masks)`` with query [B,3,H,W], supports
     [B,K,3,H,W] and masks [B,K,H,W] in {0,1} (ignore pixels set to 0), or pass precomputed
     backbone features instead (``query_feats`` [B,1536,h,w], ``support_feats``
-    [B,K,1536,h,w], from :meth:`backbone_features`; ``out_size`` is then required).
+    [B,K,1536,h,w], from :meth:`backbone_features`; ``out_size`` is then required), or the
+    encoder conv's outputs (``query_encoded`` / ``support_encoded``, see :meth:`forward`).
     Returns ``{"query": [B,2,H,W] logits}`` plus ``"support": [B*K,2,Hs,Ws]`` for DPr
     variants in training mode (or when ``predict_support=True``).
     """
@@ -111,8 +112,11 @@ class SimPropNet(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def parameter_counts(self) -> dict[str, int]:
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        frozen = sum(p.numel() for p in self.backbone.parameters())
+        """Parameters the optimizer updates, and the frozen rest (the backbone, and the encoder
+        projection when ``train.projection_lr_scale`` is 0)."""
+        head = self.trainable_parameters()
+        trainable = sum(p.numel() for p in head if p.requires_grad)
+        frozen = sum(p.numel() for p in self.backbone.parameters()) + sum(p.numel() for p in head if not p.requires_grad)
         return {"trainable": trainable, "frozen": frozen}
 
     def backbone_features(self, images: Tensor) -> Tensor:
@@ -151,11 +155,18 @@ class SimPropNet(nn.Module):
         support_size = tuple(support_masks.shape[-2:])
 
         if query_encoded is not None and support_encoded is not None:
-            # already through the shared encoder conv (see :meth:`encode`): evaluation memoises it
+            # already through the shared encoder conv and its ReLU: evaluation memoises them (see
+            # :meth:`encode`), and so does a training with a frozen projection
+            # (simprop.training.EncodedFeatures). The projection's Dropout2d, the one part that is
+            # not a function of the image, runs here in training, on the same concatenation of
+            # query and support maps as below, so it draws the same random channels.
             if out_size is None:
                 raise ValueError("out_size=(H, W) is required with encoded features")
-            return self._head(query_encoded, support_encoded.flatten(0, 1) if support_encoded.dim() == 5 else support_encoded,
-                              support_masks, batch, shots, support_size, out_size, predict_support, query_history)
+            fq, fs = query_encoded, support_encoded.flatten(0, 1) if support_encoded.dim() == 5 else support_encoded
+            if self.training:
+                dropped = self.projection.dropout(torch.cat([fq, fs], dim=0))
+                fq, fs = dropped[:batch], dropped[batch:]
+            return self._head(fq, fs, support_masks, batch, shots, support_size, out_size, predict_support, query_history)
         if query_feats is None:
             if query_img is None:
                 raise ValueError("give query_img [B,3,H,W] or query_feats [B,1536,h,w]")

@@ -1,0 +1,88 @@
+"""train.projection_lr_scale = 0: the encoder conv stays at its seeded initialisation, and the
+trainer feeds the network the conv's cached outputs instead of running it on every batch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simprop.features import build_feature_cache
+from simprop.model import build_model
+from simprop.training import Trainer, parameter_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_scale_zero_takes_the_projection_out_of_the_optimizer():
+    from simprop.params import ModelParams
+
+    model = build_model("dpr", ModelParams(backbone_weights="none", channels=8), init_seed=0)
+    groups = parameter_groups(model, 0.0)
+    projection = {id(p) for p in model.projection.parameters()}
+    in_groups = {id(p) for g in groups for p in g["params"]}
+    assert len(groups) == 1 and not in_groups & projection  # no weight decay on it either
+    assert in_groups == {id(p) for p in model.trainable_parameters()} - projection
+    assert not any(p.requires_grad for p in model.projection.parameters())
+    counts = model.parameter_counts()
+    assert counts["trainable"] == sum(p.numel() for g in groups for p in g["params"])
+
+
+@pytest.fixture
+def cached_root(data_pipeline, copy_tree, tmp_path):
+    layout, params, _ = data_pipeline
+    copy_tree(layout.root, "data")  # the shared tree stays untouched
+    params = dataclasses.replace(
+        params,
+        splits=dataclasses.replace(params.splits, folds=[0]),
+        model=dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.5),
+        train=dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=True,
+                                  augment=False, device="cpu", projection_lr_scale=0.0, lr=0.05),  # fmt: skip
+    )
+    build_feature_cache(params, tmp_path, torch.device("cpu"))
+    return params, tmp_path
+
+
+def _train_steps(trainer: Trainer, steps: int) -> list[float]:
+    torch.manual_seed(123)  # the projection's Dropout2d draws from the global generator
+    trainer.model.train()
+    losses = []
+    for i in range(steps):
+        pairs = [(4 * i + j) % len(trainer.pairs) for j in range(4)]
+        losses.append(trainer._step(trainer._batch(0, [4 * i + j for j in range(4)], pairs, 0.5)))
+    return losses
+
+
+@pytest.mark.parametrize("variant", ["simpropnet", "canet"])  # ICA's gray features; the IOM's history
+def test_cached_encoder_outputs_train_exactly_like_the_conv_they_replace(cached_root, variant):
+    params, root = cached_root
+    fast = Trainer(params, variant, 0, root)
+    assert fast.encoded is not None and (fast.encoded.gray is not None) == (variant == "simpropnet")
+    batch = fast._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
+    assert "query_encoded" in batch and "query_feats" not in batch
+    slow = Trainer(params, variant, 0, root)
+    slow.encoded = None  # the backbone features through the (frozen) conv on every step
+    assert "query_feats" in slow._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
+    projection = {n: p.detach().clone() for n, p in fast.model.projection.named_parameters()}
+
+    fast_losses, slow_losses = _train_steps(fast, 4), _train_steps(slow, 4)
+
+    # same dropout channels, same ICA and IOM inputs: the same losses and weights up to float order
+    torch.testing.assert_close(torch.tensor(fast_losses), torch.tensor(slow_losses), rtol=0, atol=1e-5)
+    assert len(set(fast_losses)) == 4  # the head did learn: the losses are not one repeated value
+    for (name, a), b in zip(fast.model.named_parameters(), slow.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    for name, p in fast.model.projection.named_parameters():
+        assert torch.equal(p, projection[name]), f"frozen projection {name} moved"
+    assert not any(p.grad is not None for p in fast.model.projection.parameters())
+
+
+def test_without_the_feature_cache_a_frozen_projection_runs_the_conv(cached_root):
+    params, root = cached_root
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, cache_backbone_features=False))
+    trainer = Trainer(params, "dpr", 0, root)
+    assert trainer.encoded is None and trainer.cache is None
+    before = {n: p.detach().clone() for n, p in trainer.model.projection.named_parameters()}
+    _train_steps(trainer, 2)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.projection.named_parameters())
