@@ -297,12 +297,16 @@ class AnalysisParams:
     overlap_episodes: int = 1000  # 1-shot test episodes of the error-overlap analysis; 0 = all
     supervised_weights: str = "voc"  # voc (torchvision DeepLabV3 VOC-label weights) | none | path
     seed: int = 7
+    # images per pass of the full networks the analyses run (ResNet-50, DeepLabV3); not
+    # evaluate.batch_size, whose default-setup value (256 episodes of tiny cached maps) would
+    # make these passes slower and ~0.5 GB larger
+    batch_size: int = 16
 
     def validate(self, key: str) -> None:
         if self.variant not in VARIANTS:
             raise ParamsError(f"{key}.variant: unknown variant {self.variant!r}; choose from {list(VARIANTS)}")
         _folds((self.fold,), f"{key}.fold")
-        _positive(self, key, "background_pairs_per_class", "error_pairs")
+        _positive(self, key, "background_pairs_per_class", "error_pairs", "batch_size")
         if self.overlap_episodes < 0:
             raise ParamsError(f"{key}.overlap_episodes: must be >= 0 (0 = all), got {self.overlap_episodes}")
         if not self.supervised_weights or self.supervised_weights == "imagenet":

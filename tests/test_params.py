@@ -39,6 +39,7 @@ def test_committed_params_are_valid():
         (lambda p: p["data"]["synthetic"].pop("seed"), "data.synthetic.seed"),
         (lambda p: p["evaluate"].__setitem__("shots", [1, 7]), "evaluate.shots"),
         (lambda p: p["train"].__setitem__("projection_lr_scale", -0.1), "train.projection_lr_scale"),
+        (lambda p: p["analysis"].__setitem__("batch_size", 0), "analysis.batch_size"),
     ],
 )
 def test_bad_params_name_the_key(edit, key):

@@ -124,7 +124,7 @@ def run_background_similarity(params, root: Path = Path("."), device: str | None
     torch_device = pick_device(device or params.evaluate.device)
     backbone = build_backbone(params.model.backbone_weights, params.model.backbone_seed).to(torch_device).eval()
     store = ImageStore(DataPaths(root / params.data.root), params.evaluate.image_size, memoise=False)
-    vectors = map_vectors(backbone, store, wanted, torch_device, params.evaluate.batch_size)
+    vectors = map_vectors(backbone, store, wanted, torch_device, params.analysis.batch_size)
 
     per_pair = []
     skipped = 0

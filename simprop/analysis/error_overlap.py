@@ -217,8 +217,8 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
     fss_metrics, sup_metrics = EpisodeMetrics(), EpisodeMetrics()
     sup_cache: dict[str, np.ndarray] = {}
     per_class_counts: dict[int, OverlapCounts] = {}
-    for start in range(0, len(episodes), params.evaluate.batch_size):
-        chunk = episodes[start : start + params.evaluate.batch_size]
+    for start in range(0, len(episodes), params.analysis.batch_size):
+        chunk = episodes[start : start + params.analysis.batch_size]
         query = torch.stack([store.image(e.query) for e in chunk]).to(torch_device)
         support = torch.stack([store.image(e.supports[0]) for e in chunk]).to(torch_device)
         masks = torch.stack(

@@ -97,7 +97,7 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
 
     rows = []
     without_errors = 0
-    half = max(1, params.evaluate.batch_size // 2)
+    half = max(1, params.analysis.batch_size // 2)
     for start in range(0, len(pairs), half):
         chunk = pairs[start : start + half]
         n = len(chunk)
