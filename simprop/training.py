@@ -199,7 +199,8 @@ class EncodedFeatures:
 
     With ``train.projection_lr_scale = 0`` the projection is a fixed function of the image, so a
     training need not run its 1536-channel convolution, forward and backward, on every batch:
-    on the default setup that product was half of each step (``benchmarks/bench_train_step.py``).
+    on the default setup its two matrix products are ~40 % of a step (``torch.profiler``, one
+    thread), and a step is 2.2-2.4x faster without them (``benchmarks/bench_eval_batch.py``).
     The network gets these maps as ``query_encoded`` / ``support_encoded`` and applies the
     projection's dropout itself (:meth:`simprop.model.network.SimPropNet.forward`); the result
     is the training of the uncached path up to float summation order

@@ -91,6 +91,29 @@ def copy_tree(tmp_path):
     return copy
 
 
+@pytest.fixture
+def feature_cache_tree(data_pipeline, copy_tree, tmp_path):
+    """``build(model=..., train=...) -> (params, root, manifest)``: a copy of the shared data tree
+    in this test's tmp_path with fold 0's feature cache built, for a random backbone and the
+    given ``model`` / ``train`` param overrides (``train.cache_backbone_features`` is on)."""
+    import torch
+
+    from simprop.features import build_feature_cache
+
+    def build(model: dict | None = None, train: dict | None = None):
+        layout, params, _ = data_pipeline
+        copy_tree(layout.root, "data")  # the shared tree stays untouched
+        params = dataclasses.replace(
+            params,
+            splits=dataclasses.replace(params.splits, folds=[0]),
+            model=dataclasses.replace(params.model, backbone_weights="none", **(model or {})),
+            train=dataclasses.replace(params.train, cache_backbone_features=True, **(train or {})),
+        )
+        return params, tmp_path, build_feature_cache(params, tmp_path, torch.device("cpu"))
+
+    return build
+
+
 class FileServer:
     """A ThreadingHTTPServer on 127.0.0.1 serving in-memory files.
 

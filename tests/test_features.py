@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
 from simprop.datasets import DataError, DataPaths, ImageStore
-from simprop.features import MANIFEST, all_image_ids, build_feature_cache, open_feature_cache
+from simprop.features import MANIFEST, all_image_ids, open_feature_cache
 from simprop.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def cached(data_pipeline, copy_tree, tmp_path):
-    layout, params, _ = data_pipeline
-    copy_tree(layout.root, "data")  # the shared tree stays untouched
-    params = dataclasses.replace(
-        params,
-        splits=dataclasses.replace(params.splits, folds=[0]),
-        model=dataclasses.replace(params.model, backbone_weights="none"),
-        train=dataclasses.replace(params.train, image_size=33, cache_backbone_features=True),
-    )
-    manifest = build_feature_cache(params, tmp_path, torch.device("cpu"))
-    return params, tmp_path, manifest
+def cached(feature_cache_tree):
+    return feature_cache_tree(train={"image_size": 33})
 
 
 def test_cached_features_are_the_backbone_features_in_channels_last_memory(cached):

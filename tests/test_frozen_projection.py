@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from simprop.features import build_feature_cache
 from simprop.model import build_model
 from simprop.training import Trainer, parameter_groups
 
@@ -30,18 +29,13 @@ def test_scale_zero_takes_the_projection_out_of_the_optimizer():
 
 
 @pytest.fixture
-def cached_root(data_pipeline, copy_tree, tmp_path):
-    layout, params, _ = data_pipeline
-    copy_tree(layout.root, "data")  # the shared tree stays untouched
-    params = dataclasses.replace(
-        params,
-        splits=dataclasses.replace(params.splits, folds=[0]),
-        model=dataclasses.replace(params.model, backbone_weights="none", channels=8, dropout=0.5),
-        train=dataclasses.replace(params.train, image_size=33, batch_size=4, cache_backbone_features=True,
-                                  augment=False, device="cpu", projection_lr_scale=0.0, lr=0.05),  # fmt: skip
+def cached_root(feature_cache_tree):
+    params, root, _ = feature_cache_tree(
+        model={"channels": 8, "dropout": 0.5},
+        train={"image_size": 33, "batch_size": 4, "augment": False, "device": "cpu", "projection_lr_scale": 0.0,
+               "lr": 0.05},  # fmt: skip
     )
-    build_feature_cache(params, tmp_path, torch.device("cpu"))
-    return params, tmp_path
+    return params, root
 
 
 def _train_steps(trainer: Trainer, steps: int) -> list[float]:
