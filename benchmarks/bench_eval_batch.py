@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_pipeline import ms_per_step, training_batches  # noqa: E402
+from bench_pipeline import ms_per_step, scratch_root, training_batches  # noqa: E402
 
 from simprop.evaluation import evaluate_model  # noqa: E402
 from simprop.features import open_feature_cache  # noqa: E402
@@ -58,11 +57,7 @@ def time_evaluation(params: Params, variant: str, fold: int, batch_size: int) ->
 
 def time_training(params: Params, variant: str, fold: int, scale: float) -> dict:
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, projection_lr_scale=scale))
-    with tempfile.TemporaryDirectory() as tmp:  # own models/: the committed checkpoints stay untouched
-        root = Path(tmp)
-        (root / params.data.root).symlink_to(ROOT / params.data.root)
-        (root / "models").mkdir()
-        (root / "models" / "backbone").symlink_to(ROOT / "models" / "backbone")
+    with scratch_root(ROOT, params.data.root) as root:  # the committed checkpoints stay untouched
         trainer = Trainer(params, variant, fold, root)
         ms = ms_per_step(trainer, training_batches(trainer, WARMUP + STEPS), warmup=WARMUP)
     return {"projection_lr_scale": scale, "frozen": trainer.encoded is not None, "ms_per_step": round(ms, 2)}

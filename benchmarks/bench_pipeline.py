@@ -13,8 +13,11 @@ episode recomputes its images' backbone features), plus peak resident memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -53,6 +56,18 @@ def ms_per_step(trainer: Trainer, batches: list[dict], warmup: int = 1) -> float
     for batch in batches[warmup:]:
         trainer._step(batch)
     return (time.perf_counter() - start) / len(batches[warmup:]) * 1000
+
+
+@contextlib.contextmanager
+def scratch_root(repo: Path, data_root: str = "data") -> Iterator[Path]:
+    """A temporary repository root linking ``repo``'s ``data_root`` and ``models/backbone``, with
+    its own ``models/``: a training run there leaves the repository's checkpoints untouched."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / data_root).symlink_to(repo / data_root)
+        (root / "models").mkdir()
+        (root / "models" / "backbone").symlink_to(repo / "models" / "backbone")
+        yield root
 
 
 def peak_mib() -> float:

@@ -27,12 +27,10 @@ from simprop.params import VARIANTS, load_params  # noqa: E402
 
 
 def alive_channels(model, features: torch.Tensor, threshold: float = 0.0) -> tuple[int, int]:
-    """(alive, total): channels whose projection output is > 0 somewhere on ``features``."""
-    was = model.training
-    model.eval()
+    """(alive, total): channels whose projection output (conv and ReLU, no dropout) is > 0
+    somewhere on ``features``."""
     with torch.no_grad():
-        out = model.projection(features)
-    model.train(was)
+        out = model.projection.conv_relu(features)
     active = (out > threshold).flatten(2).any(dim=2).any(dim=0)
     return int(active.sum()), int(active.numel())
 

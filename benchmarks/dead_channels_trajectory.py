@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,14 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     params = override(load_params(REPO / "params.yaml"), **{"train.epochs": args.epochs, **sets})
+    from bench_pipeline import scratch_root  # imports tqdm: after TQDM_DISABLE is set
+
     from simprop.training import Trainer
 
     probe = probe_features(REPO / "data" / "features" / "color.npy", 100)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "models").mkdir()
-        (root / "data").symlink_to(REPO / "data")
-        (root / "models" / "backbone").symlink_to(REPO / "models" / "backbone")
+    with scratch_root(REPO) as root:
         trainer = Trainer(params, args.variant, args.fold, root)
         step, steps, trajectory = trainer._step, itertools.count(1), []
 
