@@ -49,12 +49,17 @@ class FeatureCache:
         table = self.gray if gray else self.color
         if table is None:
             raise DataError("the feature cache has no channel-averaged (ICA) features; rerun dvc repro features")
-        try:
-            rows = [self.index[i] for i in image_ids]
-        except KeyError as exc:
-            raise DataError(f"image {exc} is not in the feature cache; rerun dvc repro features") from None
+        rows = cache_rows(self.index, image_ids)
         # torch's fp16 -> fp32 conversion is exact and ~8x faster than numpy's astype here
         return torch.from_numpy(np.stack([table[r] for r in rows])).float().permute(0, 3, 1, 2)
+
+
+def cache_rows(index: dict[str, int], image_ids: list[str]) -> list[int]:
+    """The cache rows of ``image_ids`` (a clear error for an image the cache does not hold)."""
+    try:
+        return [index[i] for i in image_ids]
+    except KeyError as exc:
+        raise DataError(f"image {exc} is not in the feature cache; rerun dvc repro features") from None
 
 
 def cache_dir(params: Params, root: Path) -> Path:

@@ -182,6 +182,10 @@ class TrainParams:
     # the encoder projection's rate is lr * projection_lr_scale (simprop.training.parameter_groups);
     # 0 freezes it at its seeded initialisation
     projection_lr_scale: float = 1.0
+    # the encoder projection's initial weights: "default" = nn.Conv2d's seeded init; "pca" = its
+    # centre tap reads the fold's training features along their leading principal components,
+    # whitened, each as a +/- pair of units (simprop.training.pca_projection_init)
+    projection_init: Literal["default", "pca"] = "default"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 8
@@ -221,6 +225,8 @@ class TrainParams:
         if self.projection_lr_scale < 0:
             raise ParamsError(f"{key}.projection_lr_scale: must be >= 0 (0 freezes the encoder conv), "
                               f"got {self.projection_lr_scale}")  # fmt: skip
+        if self.projection_init not in ("default", "pca"):
+            raise ParamsError(f"{key}.projection_init: use 'default' or 'pca', got {self.projection_init!r}")
         if self.iterations_per_epoch < 0:
             raise ParamsError(f"{key}.iterations_per_epoch: must be >= 0, got {self.iterations_per_epoch}")
         if not 0 <= self.momentum < 1:

@@ -403,7 +403,8 @@ def _header(params: Params, root: Path | None = None) -> str:
         f"| published lists | {_published_cell(root)} |",
         f"| checkpoint | best validation-episode mIoU ({ep.num_val_episodes} episodes, seed {ep.val_seed}) |",
         f"| training | {params.train.epochs} epochs, batch {params.train.batch_size}, lr {params.train.lr} "
-        f"({params.train.lr_schedule}; encoder projection x {params.train.projection_lr_scale}), "
+        f"({params.train.lr_schedule}; encoder projection x {params.train.projection_lr_scale}, "
+        f"{params.train.projection_init} init), "
         f"backbone `{params.model.backbone_weights}` |",
         f"| CANet's IOM | variants {', '.join(params.model.iom_variants) or 'none'}: history fed with "
         f"p = {params.train.iom_history_p} in training, {params.model.iom_iterations} refinement passes at test time |",

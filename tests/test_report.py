@@ -321,7 +321,9 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     assert "-S evaluate.resolution=321" in rows["scoring (paper columns)"]
     assert "metrics/splits.json` not found" in rows["published lists"]
     t = params.train
-    assert f"lr {t.lr} ({t.lr_schedule}; encoder projection x {t.projection_lr_scale})" in rows["training"]
+    assert f"lr {t.lr} ({t.lr_schedule}; encoder projection x {t.projection_lr_scale}, {t.projection_init} init)" in rows[
+        "training"
+    ]
 
     other = dataclasses.replace(
         params,

@@ -1,0 +1,95 @@
+"""train.projection_init = "pca": the encoder conv starts as a whitened +/- view of the training
+features' leading principal components (simprop.training.pca_projection_init)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from simprop.model.encoder import FeatureProjection
+from simprop.params import ParamsError, TrainParams
+from simprop.training import Trainer, pca_projection_init
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _known_features(rows: int = 4000, channels: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features with mean ``mean`` and two principal directions of standard deviation 3 and 2
+    (plus noise of 0.01): the answer the initialisation must find."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(channels, channels, generator=g, dtype=torch.float64))
+    d1, d2 = basis[:, 0], basis[:, 1]
+    coeffs = torch.randn(rows, 2, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(coeffs - coeffs.mean(0))  # centred, uncorrelated, unit variance in the sample
+    coeffs = q * (rows - 1) ** 0.5
+    mean = torch.linspace(0.2, 1.0, channels, dtype=torch.float64)
+    noise = 0.01 * torch.randn(rows, channels, generator=g, dtype=torch.float64)
+    x = mean + 3.0 * coeffs[:, :1] * d1 + 2.0 * coeffs[:, 1:] * d2 + noise
+    return x.float(), torch.stack([d1, d2]), mean
+
+
+def _signed(direction: torch.Tensor) -> torch.Tensor:
+    return direction * torch.sign(direction[direction.abs().argmax()])
+
+
+def test_pca_init_reads_the_leading_components_whitened_as_plus_minus_pairs():
+    x, directions, _ = _known_features()
+    projection = FeatureProjection(in_channels=12, out_channels=5, dilation=2)
+    pca_projection_init(projection, x)
+    conv = projection[0]
+    centre = conv.weight[:, :, 1, 1].detach().double()
+    expected = torch.stack([
+        _signed(directions[0]) / 3, -_signed(directions[0]) / 3,
+        _signed(directions[1]) / 2, -_signed(directions[1]) / 2,
+    ])  # fmt: skip
+    torch.testing.assert_close(centre[:4], expected, atol=2e-3, rtol=0)
+    assert centre[4].norm() > 10 * centre[:4].norm(dim=1).max()  # third component: only noise of 0.01, whitened
+    off_centre = conv.weight.detach().clone()
+    off_centre[:, :, 1, 1] = 0
+    assert not off_centre.any()  # the eight other taps start at zero
+    # every unit's pre-activation on the sample: mean 0, standard deviation 1
+    pre = x @ conv.weight[:, :, 1, 1].detach().T + conv.bias.detach()
+    torch.testing.assert_close(pre.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pre.std(0), torch.ones(5), atol=1e-3, rtol=0)
+    # the conv itself (zero padding aside) computes that on a map of these features
+    fmap = x[:81].T.reshape(1, 12, 9, 9)
+    out = conv(fmap)[0, :, 4, 4]  # the centre pixel: no padding in its receptive field
+    torch.testing.assert_close(out, pre[40], atol=1e-4, rtol=0)
+
+
+def test_pca_init_is_deterministic_whatever_the_global_random_state():
+    x, _, _ = _known_features()
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        projection = FeatureProjection(in_channels=12, out_channels=4)
+        pca_projection_init(projection, x)
+        weights.append((projection[0].weight.detach().clone(), projection[0].bias.detach().clone()))
+    assert torch.equal(weights[0][0], weights[1][0]) and torch.equal(weights[0][1], weights[1][1])
+
+
+def test_projection_init_is_validated():
+    with pytest.raises(ParamsError, match="projection_init"):
+        TrainParams(projection_init="xavier").validate("train")
+
+
+@pytest.mark.parametrize("cached", [True, False])  # the feature cache, or the backbone on the images
+def test_trainer_starts_from_the_pca_view_of_its_folds_training_features(feature_cache_tree, cached):
+    params, root, _ = feature_cache_tree(
+        model={"channels": 8},
+        train={"image_size": 33, "batch_size": 4, "augment": False, "device": "cpu", "projection_init": "pca"},
+    )
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, cache_backbone_features=cached))
+    trainer = Trainer(params, "canet", 0, root)
+    assert (trainer.cache is not None) == cached
+    conv = trainer.model.projection[0]
+    sample = trainer._feature_sample()
+    assert sample.shape[1] == conv.weight.shape[1]
+    pre = sample @ conv.weight[:, :, 1, 1].detach().T + conv.bias.detach()
+    torch.testing.assert_close(pre.mean(0), torch.zeros(8), atol=1e-3, rtol=0)
+    torch.testing.assert_close(pre.std(0), torch.ones(8), atol=1e-2, rtol=0)
+    # the default keeps nn.Conv2d's seeded initialisation
+    default = dataclasses.replace(params, train=dataclasses.replace(params.train, projection_init="default"))
+    assert Trainer(default, "canet", 0, root).model.projection[0].weight[:, :, 0, 0].abs().sum() > 0
