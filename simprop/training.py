@@ -162,16 +162,32 @@ def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) ->
     return base_lr * (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
 
 
-def pca_projection_init(projection, features: torch.Tensor) -> None:
-    """Initialise the projection conv from the principal components of backbone ``features`` [M, C].
+def feature_moments(chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean [C] and covariance [C, C] (float64) of the feature vectors in ``chunks`` ([M_i, C] each),
+    accumulated chunk by chunk, so no more than one chunk is ever held in float64."""
+    total = outer = None
+    count = 0
+    for rows in chunks:
+        rows = rows.double()
+        total = rows.sum(dim=0) if total is None else total + rows.sum(dim=0)
+        outer = rows.T @ rows if outer is None else outer + rows.T @ rows
+        count += len(rows)
+    if count < 2:
+        raise ValueError("feature_moments: need at least two feature vectors")
+    mean = total / count
+    return mean, (outer - count * torch.outer(mean, mean)) / (count - 1)
+
+
+def pca_projection_init(projection, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+    """Initialise the projection conv from the principal components of the backbone features
+    whose ``mean`` [C] and ``covariance`` [C, C] are given (:func:`feature_moments`).
 
     Output units ``2i`` and ``2i + 1`` read the ``i``-th principal direction ``p_i`` of the
     centred features, whitened (divided by its standard deviation ``s_i``), with opposite signs:
     ``ReLU(±(p_i · (x - mean)) / s_i)``, so the ReLU keeps both halves of each component; an odd
-    last unit reads ``+p_k``.  Only the centre tap is set (the other eight start at zero and train
-    as before), so every unit starts as a 1x1 view of its pixel.  Deterministic: the covariance's
-    exact eigenvectors (``torch.linalg.eigh``, float64), each signed so its largest entry is
-    positive.
+    last unit reads ``+p_k``.  Only the centre tap is set (the other eight start at zero), so
+    every unit starts as a 1x1 view of its pixel.  Deterministic: the covariance's exact
+    eigenvectors (``torch.linalg.eigh``, float64), each signed so its largest entry is positive.
 
     Why: the default setup's random 16-channel view of the 1536 backbone channels throws away
     most of what the parameter-free prototype matcher reads, and at the projection's small rate
@@ -179,17 +195,16 @@ def pca_projection_init(projection, features: torch.Tensor) -> None:
     episodes (``python3 benchmarks/projection_views.py``, mean of the four folds) scores 33.1
     through the seeded random view, 52.0 through this one and 56.9 on all 1536 channels; through
     the projections the networks had learned from the random view at scale 0.01, 43.7-48.5.
-    The principal components come from the fold's training images only, without their labels.  Neither the paper nor CANet starts the
-    projection from the data (CANet's ``one_shot_network.py`` draws every conv weight of its
-    ``layer5`` and heads from N(0, 0.01); ours keep ``nn.Conv2d``'s seeded init), so this is an
-    initialisation choice of the default setup, made on validation episodes only.
+    The principal components come from the fold's training images only, without their labels.
+    Neither the paper nor CANet starts the projection from the data (CANet's
+    ``one_shot_network.py`` draws every conv weight of its ``layer5`` and heads from N(0, 0.01);
+    ours keep ``nn.Conv2d``'s seeded init), so this is an initialisation choice of the default
+    setup, made on validation episodes only (docs/architecture.md, "PCA initialisation").
     """
     conv = projection[0]
     out_channels = conv.weight.shape[0]
-    x = features.double()
-    mean = x.mean(dim=0)
-    centred = x - mean
-    eigvals, eigvecs = torch.linalg.eigh(centred.T @ centred / max(len(x) - 1, 1))
+    mean, covariance = mean.double(), covariance.double()
+    eigvals, eigvecs = torch.linalg.eigh(covariance)
     order = torch.argsort(eigvals, descending=True)[: (out_channels + 1) // 2]
     directions = eigvecs[:, order].T  # [k, C]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(dim=1, keepdim=True)))
@@ -374,7 +389,7 @@ class Trainer:
                     f"image size {tp.image_size}; run `dvc repro features` first"
                 )
         if tp.projection_init == "pca":
-            pca_projection_init(self.model.projection, self._feature_sample())
+            pca_projection_init(self.model.projection, *feature_moments(self._feature_rows()))
         # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
         self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
                              weight_decay=tp.weight_decay)  # fmt: skip
@@ -409,22 +424,27 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
 
-    def _feature_sample(self, images: int = 256, pixels: int = 50_000) -> torch.Tensor:
-        """Backbone feature vectors [M, 1536] of up to ``images`` training images of the fold
-        (a seeded choice), every pixel, thinned to at most ``pixels`` rows by a fixed stride."""
+    def _feature_rows(self, images: int = 256, pixels: int = 50_000, chunk_size: int | None = None):
+        """Backbone feature vectors of up to ``images`` training images of the fold (a seeded
+        choice), chunk by chunk ([M_i, 1536] each): every pixel, thinned to at most ``pixels``
+        rows in all by a fixed stride over the images' pixels in order."""
         ids = sorted({image for image, _ in self.pairs})
         ids = [ids[i] for i in np.random.default_rng(self.params.train.seed).permutation(len(ids))[:images]]
-        rows = []
-        for start in range(0, len(ids), 32):
-            chunk = ids[start : start + 32]
+        if chunk_size is None:
+            chunk_size = 32 if self.cache is not None else 8  # 8 maps of 41 x 41 at the paper's 321 px
+        stride, seen = None, 0
+        for start in range(0, len(ids), chunk_size):
+            chunk = ids[start : start + chunk_size]
             if self.cache is not None:
                 feats = self.cache.get(chunk)
             else:
                 batch = torch.stack([self.store.image(i) for i in chunk]).to(self.device)
                 feats = self.model.backbone_features(batch).cpu()
-            rows.append(feats.float().permute(0, 2, 3, 1).flatten(0, 2))
-        sample = torch.cat(rows)
-        return sample[:: max(1, math.ceil(len(sample) / pixels))]
+            rows = feats.float().permute(0, 2, 3, 1).flatten(0, 2)
+            if stride is None:  # every image has the same feature map size
+                stride = max(1, math.ceil(len(ids) * feats.shape[2] * feats.shape[3] / pixels))
+            yield rows[(-seen) % stride :: stride]
+            seen += len(rows)
 
     # ------------------------------------------------------------------ state
 

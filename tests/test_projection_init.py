@@ -10,7 +10,7 @@ import torch
 
 from simprop.model.encoder import FeatureProjection
 from simprop.params import ParamsError, TrainParams
-from simprop.training import Trainer, pca_projection_init
+from simprop.training import Trainer, feature_moments, pca_projection_init
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,7 +37,7 @@ def _signed(direction: torch.Tensor) -> torch.Tensor:
 def test_pca_init_reads_the_leading_components_whitened_as_plus_minus_pairs():
     x, directions, _ = _known_features()
     projection = FeatureProjection(in_channels=12, out_channels=5, dilation=2)
-    pca_projection_init(projection, x)
+    pca_projection_init(projection, *feature_moments([x[:1000], x[1000:2500], x[2500:]]))
     conv = projection[0]
     centre = conv.weight[:, :, 1, 1].detach().double()
     expected = torch.stack([
@@ -65,9 +65,18 @@ def test_pca_init_is_deterministic_whatever_the_global_random_state():
     for seed in (1, 2):
         torch.manual_seed(seed)
         projection = FeatureProjection(in_channels=12, out_channels=4)
-        pca_projection_init(projection, x)
+        pca_projection_init(projection, *feature_moments([x]))
         weights.append((projection[0].weight.detach().clone(), projection[0].bias.detach().clone()))
     assert torch.equal(weights[0][0], weights[1][0]) and torch.equal(weights[0][1], weights[1][1])
+
+
+def test_feature_moments_accumulated_by_chunks_equal_the_whole_sample():
+    x, _, _ = _known_features()
+    mean, covariance = feature_moments(x[i : i + 700] for i in range(0, len(x), 700))
+    torch.testing.assert_close(mean, x.double().mean(0), atol=1e-12, rtol=0)
+    torch.testing.assert_close(covariance, torch.cov(x.double().T), atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="two feature vectors"):
+        feature_moments([x[:1]])
 
 
 def test_projection_init_is_validated():
@@ -85,8 +94,11 @@ def test_trainer_starts_from_the_pca_view_of_its_folds_training_features(feature
     trainer = Trainer(params, "canet", 0, root)
     assert (trainer.cache is not None) == cached
     conv = trainer.model.projection[0]
-    sample = trainer._feature_sample()
+    sample = torch.cat(list(trainer._feature_rows()))
     assert sample.shape[1] == conv.weight.shape[1]
+    # thinned by a stride over all the images' pixels, whatever the chunks
+    thinned = torch.cat(list(trainer._feature_rows(pixels=len(sample) // 3, chunk_size=5)))
+    assert torch.equal(thinned, sample[:: -(-len(sample) // (len(sample) // 3))])
     pre = sample @ conv.weight[:, :, 1, 1].detach().T + conv.bias.detach()
     torch.testing.assert_close(pre.mean(0), torch.zeros(8), atol=1e-3, rtol=0)
     torch.testing.assert_close(pre.std(0), torch.ones(8), atol=1e-2, rtol=0)
