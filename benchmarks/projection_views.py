@@ -18,6 +18,7 @@ Run after ``dvc repro features episodes`` (and ``train`` for the trained rows):
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -32,7 +33,7 @@ from simprop.datasets import DataPaths, ImageStore, read_episodes  # noqa: E402
 from simprop.evaluation import PrototypeMatcher  # noqa: E402
 from simprop.model import load_checkpoint  # noqa: E402
 from simprop.params import load_params  # noqa: E402
-from simprop.training import Trainer  # noqa: E402
+from simprop.training import Trainer, feature_moments, pca_projection_init  # noqa: E402
 
 
 class ProjectedCache:
@@ -48,13 +49,12 @@ class ProjectedCache:
 
 def fold_views(fold: int) -> dict[str, float]:
     params = load_params(ROOT / "params.yaml")
-    views = {"all 1536 channels": lambda f: f}
-    trainer = None
-    for init in ("default", "pca"):
-        p = dataclasses.replace(params, train=dataclasses.replace(params.train, projection_init=init))
-        trainer = Trainer(p, params.train.variants[0], fold, ROOT)
-        trainer.model.eval()
-        views[f"{init} init"] = trainer.model.projection.conv_relu
+    default = dataclasses.replace(params, train=dataclasses.replace(params.train, projection_init="default"))
+    trainer = Trainer(default, params.train.variants[0], fold, ROOT)  # its cache, training pairs, seeded init
+    pca = copy.deepcopy(trainer.model.projection)
+    pca_projection_init(pca, *feature_moments(trainer._feature_rows()))
+    views = {"all 1536 channels": lambda f: f, "default init": trainer.model.projection.conv_relu,
+             "pca init": pca.conv_relu}  # fmt: skip
     for variant in params.train.variants:
         checkpoint = ROOT / "models" / variant / f"fold{fold}" / "best.pt"
         if checkpoint.is_file():
