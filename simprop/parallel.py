@@ -26,6 +26,7 @@ import importlib
 import multiprocessing
 import os
 import signal
+import sys
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -65,11 +66,20 @@ def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
 def _call(target: str | Callable[..., Any], args: tuple) -> tuple[str, Any]:
     """Run one job in a worker; an exception comes back as text (not every error class pickles)."""
     from simprop.stage import expected_errors
+    from simprop.tracking import StageTerminated
 
     try:
         return "ok", resolve(target)(*args)
     except expected_errors() as exc:
         return "expected", f"{exc}"
+    except (StageTerminated, KeyboardInterrupt) as exc:
+        # The stage process is stopping this worker (Pool.terminate sends SIGTERM), and the job's
+        # MLflow run turned that into an exception to close the run KILLED.  Die now: reporting it
+        # as a result would put the worker back on the task queue, whose lock the terminating pool
+        # holds, and Pool.terminate would then wait for it forever.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum)
     except BaseException as exc:  # noqa: BLE001 - reported to the stage process, which fails
         return "unexpected", "".join(traceback.format_exception(exc))
 

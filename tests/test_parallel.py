@@ -87,6 +87,50 @@ def test_sigterm_to_the_stage_process_stops_its_workers(tmp_path):
         assert not alive, f"worker {pid} still runs"
 
 
+def test_a_failing_fold_stops_workers_whose_jobs_turn_sigterm_into_an_exception(tmp_path):
+    """Each fold runs inside an MLflow stage run, which turns SIGTERM into StageTerminated so the
+    run closes KILLED.  When one fold fails, the pool terminates the others; their workers must
+    die, not report the exception as a result and wait on the task queue (the stage used to hang
+    forever in Pool.terminate)."""
+    pids = tmp_path / "pids"
+    (tmp_path / "stagelike.py").write_text(textwrap.dedent("""
+        import os, time
+        from simprop.data.errors import DataError
+        from simprop.tracking import _terminate_as_exception
+        def fold(name, path):
+            if name == "fold 0":
+                time.sleep(1.0)  # the other worker is inside its run by now
+                raise DataError("fold 0 broke on purpose")
+            with open(path, "a") as fh:
+                fh.write(f"{os.getpid()}\\n")
+            with _terminate_as_exception():  # what simprop.tracking.stage_run does
+                time.sleep(120)
+    """))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from simprop.parallel import FoldFailed, run_folds
+        from stagelike import fold
+        jobs = [("fold 0", {str(pids)!r}), ("fold 1", {str(pids)!r}), ("fold 2", {str(pids)!r})]
+        try:
+            run_folds(fold, jobs, workers=2, labels=["fold 0", "fold 1", "fold 2"])
+        except FoldFailed as exc:
+            print("FoldFailed:", exc)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        for pid in (int(p) for p in pids.read_text().split()) if pids.exists() else ():
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("run_folds hung in Pool.terminate after a fold failed")
+    assert "FoldFailed: fold 0: fold 0 broke on purpose" in out, err
+    for pid in (int(p) for p in pids.read_text().split()):
+        alive = os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read().lower()
+        assert not alive, f"worker {pid} still runs"
+
+
 def test_parallel_folds_params_are_validated(tmp_path):
     import yaml
 
