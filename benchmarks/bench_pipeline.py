@@ -60,13 +60,13 @@ def ms_per_step(trainer: Trainer, batches: list[dict], warmup: int = 1) -> float
 
 @contextlib.contextmanager
 def scratch_root(repo: Path, data_root: str = "data") -> Iterator[Path]:
-    """A temporary repository root linking ``repo``'s ``data_root`` and ``models/backbone``, with
+    """A temporary repository root linking ``repo``'s ``data_root`` and ``backbone``, with
     its own ``models/``: a training run there leaves the repository's checkpoints untouched."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / data_root).symlink_to(repo / data_root)
         (root / "models").mkdir()
-        (root / "models" / "backbone").symlink_to(repo / "models" / "backbone")
+        (root / "backbone").symlink_to(repo / "backbone")
         yield root
 
 

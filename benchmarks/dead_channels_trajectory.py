@@ -2,7 +2,7 @@
 
 Trains ``variant`` on ``fold`` for ``--epochs`` epochs with the committed params (plus ``--set
 key=value`` overrides, e.g. ``--set train.projection_lr_scale=1.0``) in a scratch directory that
-links this repository's ``data/`` and ``models/backbone`` (run ``dvc repro features`` first; the
+links this repository's ``data/`` and ``backbone/`` (run ``dvc repro features`` first; the
 repository's own models and metrics are not touched), on one thread. After steps 1, 2, 3, 5, 10,
 20, 50 and every 100th it counts the projection channels that are alive on the first 100 cached
 images (``benchmarks/dead_channels.py``'s rule) and prints one JSON line at the end.

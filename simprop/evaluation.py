@@ -92,6 +92,10 @@ class EpisodeRunner:
     resolution: str = "original"  # evaluate.resolution
     void: str = "ignore"  # evaluate.void
     classes: tuple[int, ...] | None = None  # the fold's classes: the mIoU is their mean
+    # the model's encoder outputs, precomputed for every cached image (the trainer's
+    # simprop.training.EncodedFeatures of a frozen projection: ``get(ids)`` -> [N, C, h, w]);
+    # then the runner reads them instead of running the encoder conv (not under amp)
+    encoded: object | None = None
     _features: dict[str, torch.Tensor] = field(default_factory=dict)
     feature_computations: int = 0
 
@@ -104,6 +108,9 @@ class EpisodeRunner:
         """
 
         def encode(chunk: list[str]) -> torch.Tensor:
+            if self.encoded is not None and not self.amp:
+                self.feature_computations += len(chunk)
+                return self.encoded.get(chunk).to(torch.float16).cpu()
             if self.cache is not None:
                 backbone = self.cache.get(chunk).to(self.device)
             else:
@@ -346,6 +353,7 @@ def evaluate_model(
     cache: FeatureCache | None,
     untrained: torch.nn.Module | None = None,
     log=None,
+    matcher_record: dict | None = None,
 ) -> tuple[dict, EpisodeRunner]:
     """All test sets and shots, the identical-input test, and the support-use controls.
 
@@ -356,14 +364,15 @@ def evaluate_model(
     ``identical_gain`` = identical input - 1-shot, ``matcher_gain`` = 1-shot - the matcher's
     1-shot (means over the test sets).  Returns the metrics record (docs/architecture.md,
     percent) and the runner so the caller can draw qualitative examples from its memoised
-    features.
+    features.  ``matcher_record``: the fold's prototype-matcher entries (:func:`evaluate_matcher`)
+    when the caller has them already (the matcher has no parameters: every variant of a fold
+    gets the same numbers); they are logged like the ones computed here.
     """
     ev = params.evaluate
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
     scoring = dict(resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))
     runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
-    matcher = PrototypeMatcher(store, device, model.backbone_features, ev.batch_size, cache, **scoring)
     record: dict = {
         "variant": variant,
         "fold": fold,
@@ -386,20 +395,17 @@ def evaluate_model(
 
     def over_seeds(name: str, evaluate: Callable[[list[Episode], str], EpisodeMetrics], shots: int,
                    episodes_of: Callable[[list[Episode]], list[Episode]] = lambda e: e) -> dict:  # fmt: skip
-        entry, per_seed = {}, []
-        for seed in params.episodes.test_seeds:
-            summary = evaluate(episodes_of(test_set(seed, shots)), f"{variant} fold{fold} {name} seed{seed}").summary()
-            entry[f"seed{seed}"] = summary
-            per_seed.append(summary)
-            if log is not None:
-                log({f"{name}_seed{seed}_miou": summary["miou"], f"{name}_seed{seed}_fbiou": summary["fbiou"]})
-        entry.update(aggregate_seeds(per_seed))
-        return entry
+        return _over_seeds(params, lambda seed: episodes_of(test_set(seed, shots)), evaluate, name,
+                           f"{variant} fold{fold}", log)  # fmt: skip
 
     for shots in ev.shots:
         record[f"shot{shots}"] = over_seeds(f"shot{shots}", runner.evaluate, shots)
     record["mismatched"] = over_seeds("mismatched", runner.evaluate, 1, lambda eps: mismatched_episodes(eps, 1))
-    record["matcher"] = {f"shot{k}": over_seeds(f"matcher_shot{k}", matcher.evaluate, k) for k in ev.shots}
+    if matcher_record is None:
+        matcher_record = evaluate_matcher(params, fold, root, device, cache, model.backbone_features, log)
+    elif log is not None:
+        log_seed_entries(log, {f"matcher_{k}": entry for k, entry in matcher_record.items()}, params.episodes.test_seeds)
+    record["matcher"] = matcher_record
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
@@ -415,6 +421,47 @@ def evaluate_model(
     record["feature_computations"] = runner.feature_computations
     record["wall_time_s"] = round(time.perf_counter() - started, 2)
     return record, runner
+
+
+def _over_seeds(params: Params, episodes_of: Callable[[int], list[Episode]],
+                evaluate: Callable[[list[Episode], str], EpisodeMetrics], name: str, label: str, log=None) -> dict:  # fmt: skip
+    """One entry of an evaluation record: ``evaluate`` on every test set, per seed and aggregated."""
+    entry, per_seed = {}, []
+    for seed in params.episodes.test_seeds:
+        summary = evaluate(episodes_of(seed), f"{label} {name} seed{seed}").summary()
+        entry[f"seed{seed}"] = summary
+        per_seed.append(summary)
+        if log is not None:
+            log_seed_entries(log, {name: {f"seed{seed}": summary}}, [seed])
+    entry.update(aggregate_seeds(per_seed))
+    return entry
+
+
+def log_seed_entries(log, entries: dict[str, dict], seeds) -> None:
+    """Log ``<name>_seed<s>_miou`` / ``_fbiou`` of each entry's per-seed summaries."""
+    for name, entry in entries.items():
+        for seed in seeds:
+            summary = entry[f"seed{seed}"]
+            log({f"{name}_seed{seed}_miou": summary["miou"], f"{name}_seed{seed}_fbiou": summary["fbiou"]})
+
+
+def evaluate_matcher(params: Params, fold: int, root: Path, device: torch.device, cache: FeatureCache | None,
+                     backbone_features: Callable, log=None) -> dict:  # fmt: skip
+    """The parameter-free prototype matcher on every test set and shot of ``fold``: the
+    ``matcher`` entry of an evaluation record (``{"shot1": ..., "shot5": ...}``).  It reads the
+    frozen backbone's features only, so it is the same for every variant of the fold."""
+    ev = params.evaluate
+    paths = DataPaths(root / params.data.root)
+    store = ImageStore(paths, ev.image_size)
+    matcher = PrototypeMatcher(store, device, backbone_features, ev.batch_size, cache,
+                               resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))  # fmt: skip
+    return {
+        f"shot{k}": _over_seeds(
+            params, lambda seed, k=k: read_episodes(paths.episode_file(fold, f"test_seed{seed}"), k),
+            matcher.evaluate, f"matcher_shot{k}", f"fold{fold}", log,
+        )
+        for k in ev.shots
+    }  # fmt: skip
 
 
 def mismatched_episodes(episodes: list[Episode], shots: int) -> list[Episode]:
@@ -474,13 +521,23 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     return rows
 
 
-def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".") -> dict:
-    """One (variant, fold) evaluation of the ``evaluate@<variant>`` stage, in its own MLflow run.
+def evaluate_fold_variants(params: Params, variants: list[str], fold: int, root: Path | str = ".") -> list[dict]:
+    """The ``evaluate`` stage's job for one fold: every variant of ``variants`` in turn, each in
+    its own MLflow run (:func:`evaluate_fold`); the prototype matcher, which has no parameters,
+    is scored once for the fold and its numbers go into every variant's record and run.
+    Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process."""
+    shared: dict = {}
+    return [evaluate_fold(params, variant, fold, root, shared=shared) for variant in variants]
+
+
+def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".", shared: dict | None = None) -> dict:
+    """One (variant, fold) evaluation of the ``evaluate`` stage, in its own MLflow run.
 
     Scores the selected checkpoint (``models/<variant>/fold<i>/best.pt``) on every test set and
     shot count with the support-use controls (:func:`evaluate_model`); writes
     ``metrics/evaluate/<variant>/fold<i>.json`` and ``outputs/evaluate/<variant>/fold<i>/qualitative.png``.
-    Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process.
+    ``shared``: a dict kept across the variants of one fold (:func:`evaluate_fold_variants`);
+    the first one stores the matcher's entries there, the others reuse them.
     """
     from simprop.features import open_feature_cache
     from simprop.model import build_model, expected_identity, load_checkpoint
@@ -503,7 +560,10 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
     with stage_run("evaluate", params, variant=variant, fold=fold, shots=shots) as run:
         run.set_tags({"checkpoint_epoch": meta.get("epoch"), "checkpoint_val_miou": meta.get("val_miou"),
                       "torch_threads": torch.get_num_threads()})  # fmt: skip
-        record, runner = evaluate_model(params, model, variant, fold, root, device, cache, untrained=untrained, log=run.log_metrics)
+        record, runner = evaluate_model(params, model, variant, fold, root, device, cache, untrained=untrained,
+                                        log=run.log_metrics, matcher_record=(shared or {}).get("matcher"))  # fmt: skip
+        if shared is not None:
+            shared["matcher"] = record["matcher"]
         record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
         write_json(out, record)
         rows = qualitative_rows(params, runner, fold, root, params.report.num_qualitative)

@@ -5,10 +5,10 @@ overhead, not arithmetic, so a second thread helps one training little while two
 thread each keep most of their speed side by side: 1.33-1.78x the steps per second of one
 two-thread training on 2 cores (``benchmarks/bench_parallel_folds.py``, table in the README).
 ``dvc repro`` runs stages one after another, so the parallelism has to live inside a stage:
-``train@<variant>`` and ``evaluate@<variant>`` hand their folds to :func:`run_folds`,
-``train.parallel_folds`` / ``evaluate.parallel_folds`` at a time.
+``train`` and ``evaluate`` hand their folds to :func:`run_folds`,
+``train.parallel_folds`` / ``evaluate.parallel_folds`` at a time; a fold's job runs the variants in turn.
 
-Each fold is exactly what one ``(variant, fold)`` stage did before: its own MLflow run, its own
+Each (variant, fold) is exactly what one ``(variant, fold)`` stage did before: its own MLflow run, its own
 outputs, its own seeds (every random draw is keyed by ``(seed, fold, ...)``, never by the process
 that runs it), so which worker runs a fold changes nothing but the float rounding of a different
 thread count.  Workers are *spawned* (a fresh interpreter: no forked OpenMP pool, no inherited

@@ -135,7 +135,7 @@ class BackboneParams:
     # random source only: every bottleneck's residual branch is scaled by this factor (its last
     # BatchNorm weight), so the random deep net keeps its input's information (see backbone.py)
     residual_scale: float = 1.0
-    path: str = "models/backbone/resnet50.pt"
+    path: str = "backbone/resnet50.pt"
 
     def validate(self, key: str) -> None:
         if not self.source:
@@ -209,7 +209,7 @@ class TrainParams:
     # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
     # torchrun, each process taking batch_size / processes samples of every batch
     processes: int = 1
-    # folds of one variant trained at once by the train@<variant> stage, each in its own process
+    # folds trained at once by the train stage, each in its own process (which trains the variants in turn)
     # with cores // parallel_folds threads (simprop/parallel.py); 1 = one after another, as with
     # processes > 1 (DDP spreads each fold over the processes, and the folds take turns)
     parallel_folds: int = 1
@@ -272,7 +272,7 @@ class EvaluateParams:
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
     amp: bool = False  # the network under autocast (simprop/precision.py); controls stay float32
-    # folds of one variant evaluated at once by the evaluate@<variant> stage (simprop/parallel.py)
+    # folds evaluated at once by the evaluate stage (simprop/parallel.py)
     parallel_folds: int = 1
 
     def validate(self, key: str) -> None:
@@ -496,7 +496,7 @@ def _inside_repository(value: str, key: str, source: str) -> None:
         raise ParamsError(
             f"{source}: {key} = {value!r} leaves the repository; a stage writes there and DVC tracks "
             f"only outputs inside the repository: give a relative path inside it (e.g. "
-            f"{'data' if key == 'data.root' else 'models/backbone/resnet50.pt'}), or link a big disk "
+            f"{'data' if key == 'data.root' else 'backbone/resnet50.pt'}), or link a big disk "
             f"into the repository"
         )
 

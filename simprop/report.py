@@ -107,14 +107,14 @@ def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int]
             ev = _read_json(
                 ev_path,
                 f"evaluate metrics of {variant} fold {fold}",
-                f"run the evaluate stage: `dvc repro evaluate@{variant}` "
+                f"run the evaluate stage: `dvc repro evaluate` "
                 f"(or `python stages/evaluate.py --variant {variant} --fold {fold}`)",
             )
             _check_fresh(ev, ev_path, params, variant, fold)
             tr = _read_json(
                 train_metrics_path(root, variant, fold),
                 f"training metrics of {variant} fold {fold}",
-                f"run the train stage: `dvc repro train@{variant}` "
+                f"run the train stage: `dvc repro train` "
                 f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
             )
             results[(variant, fold)] = RunResult(variant, fold, ev, tr)
@@ -136,7 +136,7 @@ def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: i
         if key in record and record[key] != want:
             raise StaleInputError(
                 f"{path}: {key} is {record[key]!r} but params say {want!r}; the file is stale, "
-                f"rerun `dvc repro evaluate@{variant}`"
+                f"rerun `dvc repro evaluate`"
             )
 
 

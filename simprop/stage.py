@@ -50,9 +50,9 @@ def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, P
 
 
 def variant_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """``--variant`` (and optionally ``--fold``) of a ``train@`` / ``evaluate@`` stage."""
+    """``--variant`` and ``--fold`` (both optional) of the ``train`` / ``evaluate`` stage scripts."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", required=True)
+    parser.add_argument("--variant", help="only this variant (default: every variant of train.variants)")
     parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
     return parser.parse_args(argv)
 
@@ -63,13 +63,14 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def stage_folds(params: Params, variant: str, fold: int | None) -> list[int]:
-    """The folds a ``train@<variant>`` / ``evaluate@<variant>`` stage runs: ``fold`` alone, or every
-    fold of ``train.folds``; the variant (and fold) must be in the params lists."""
-    if variant not in params.train.variants or (fold is not None and fold not in params.train.folds):
-        what = variant if fold is None else f"({variant}, fold {fold})"
+def stage_jobs(params: Params, variant: str | None, fold: int | None) -> tuple[list[str], list[int]]:
+    """The variants and folds a ``train`` / ``evaluate`` run covers: ``variant`` / ``fold`` alone,
+    or every one of ``train.variants`` / ``train.folds``; what is asked for must be in those lists."""
+    if (variant is not None and variant not in params.train.variants) or (fold is not None and fold not in params.train.folds):
+        what = variant if fold is None else f"fold {fold}" if variant is None else f"({variant}, fold {fold})"
         raise ParamsError(f"train.variants/train.folds: {what} is not in the params lists")
-    return list(params.train.folds) if fold is None else [fold]
+    variants = list(params.train.variants) if variant is None else [variant]
+    return variants, (list(params.train.folds) if fold is None else [fold])
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:

@@ -3,7 +3,7 @@
 Off unless ``SIMPROP_STAGE_TIMINGS`` names a file: then every stage process appends one JSON
 line to it when it ends::
 
-    {"stage": "train@canet", "status": "ok", "process_start": ..., "enter": ..., "end": ...,
+    {"stage": "train", "status": "ok", "process_start": ..., "enter": ..., "end": ...,
      "spans": {"imports": 2.1, "mlflow_import": 2.4, "mlflow_setup": 0.3, "mlflow_logging": 0.5}}
 
 ``process_start`` is when the kernel started the process (``/proc/self/stat``), ``enter`` when

@@ -201,20 +201,29 @@ def pca_projection_init(projection, mean: torch.Tensor, covariance: torch.Tensor
     ours keep ``nn.Conv2d``'s seeded init), so this is an initialisation choice of the default
     setup, made on validation episodes only (docs/architecture.md, "PCA initialisation").
     """
-    conv = projection[0]
-    out_channels = conv.weight.shape[0]
+    set_centre_taps(projection, *pca_units(mean, covariance, projection[0].weight.shape[0]))
+
+
+def pca_units(mean: torch.Tensor, covariance: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights [units, C] and biases [units] (float64) of :func:`pca_projection_init`'s units."""
     mean, covariance = mean.double(), covariance.double()
     eigvals, eigvecs = torch.linalg.eigh(covariance)
-    order = torch.argsort(eigvals, descending=True)[: (out_channels + 1) // 2]
+    order = torch.argsort(eigvals, descending=True)[: (units + 1) // 2]
     directions = eigvecs[:, order].T  # [k, C]
     signs = torch.sign(directions.gather(1, directions.abs().argmax(dim=1, keepdim=True)))
     directions = directions * signs / eigvals[order].clamp_min(1e-12).sqrt()[:, None]
-    rows = torch.stack([directions, -directions], dim=1).flatten(0, 1)[:out_channels]  # +p0, -p0, +p1, ...
+    rows = torch.stack([directions, -directions], dim=1).flatten(0, 1)[:units]  # +p0, -p0, +p1, ...
+    return rows, -(rows @ mean)
+
+
+def set_centre_taps(projection, rows: torch.Tensor, bias: torch.Tensor) -> None:
+    """The projection conv reads ``rows`` [out, C] on its centre tap only (the other taps zero)."""
+    conv = projection[0]
     with torch.no_grad():
         conv.weight.zero_()
         centre = conv.weight.shape[-1] // 2
         conv.weight[:, :, centre, centre] = rows.to(conv.weight)
-        conv.bias.copy_(-(rows @ mean).to(conv.bias))
+        conv.bias.copy_(bias.to(conv.bias))
 
 
 def parameter_groups(model, projection_lr_scale: float) -> list[dict]:
@@ -282,6 +291,42 @@ class EncodedFeatures:
         return table.index_select(0, rows)
 
 
+class FoldShared:
+    """What the trainings of one fold, run one after another in one process, compute once.
+
+    The ``train`` stage hands each worker a fold and trains every variant on it in turn
+    (:func:`train_fold_variants`); the variants share the fold's feature statistics (the PCA
+    initialisation of the projection reads the same training features whatever the variant: its
+3.8 s, one thread, were paid by each of the 20 trainings of the default setup) and,
+    when the projection is frozen, its outputs (:class:`EncodedFeatures`).  A value is reused only
+    when everything it was computed from matches: the moments' key names the fold, seed and
+    sampling; the encoded features are kept with the projection weights and the feature-cache
+    index they were computed from and compared exactly (``torch.equal``) before reuse.  Computed
+    once or five times, the values are the same, so the trainings are too.
+    """
+
+    def __init__(self, gray: bool = False) -> None:
+        self.gray = gray  # encode the channel-averaged features too (some variant of the job uses ICA)
+        self._values: dict[tuple, object] = {}
+        self._encoded: list[tuple[torch.Tensor, torch.Tensor, dict, EncodedFeatures]] = []
+
+    def memo(self, key: tuple, compute):
+        """``compute()``, once per ``key`` (which must name everything the value depends on)."""
+        if key not in self._values:
+            self._values[key] = compute()
+        return self._values[key]
+
+    def encoded(self, projection, cache: FeatureCache, device: torch.device, gray: bool) -> EncodedFeatures:
+        conv = projection[0]
+        for weight, bias, index, table in self._encoded:
+            if (torch.equal(weight, conv.weight) and torch.equal(bias, conv.bias) and index == cache.index
+                    and (table.gray is not None or not gray) and table.color.device == device):  # fmt: skip
+                return table
+        table = EncodedFeatures(projection, cache, device, gray=gray or self.gray)
+        self._encoded.append((conv.weight.detach().clone(), conv.bias.detach().clone(), dict(cache.index), table))
+        return table
+
+
 def _epoch_order(seed: int, epoch: int, num_pairs: int, needed: int) -> np.ndarray:
     """Which training pair each of the epoch's ``needed`` samples is (repeating the permutation)."""
     return np.resize(np.random.default_rng([seed, epoch]).permutation(num_pairs), needed)
@@ -347,7 +392,7 @@ class Trainer:
     """Trains ``variant`` on ``fold``; :meth:`run` returns the training summary."""
 
     def __init__(self, params: Params, variant: str, fold: int, root: Path, tracker=None,
-                 dist_context: DistContext | None = None):  # fmt: skip
+                 dist_context: DistContext | None = None, shared: FoldShared | None = None):  # fmt: skip
         self.params = params
         self.dist = dist_context or DistContext()
         if params.train.batch_size % self.dist.world_size:
@@ -389,14 +434,21 @@ class Trainer:
                     f"image size {tp.image_size}; run `dvc repro features` first"
                 )
         if tp.projection_init == "pca":
-            pca_projection_init(self.model.projection, *feature_moments(self._feature_rows()))
+            units = self.model.projection[0].weight.shape[0]
+
+            def compute() -> tuple[torch.Tensor, torch.Tensor]:
+                return pca_units(*feature_moments(self._feature_rows()), units)
+
+            key = ("pca", fold, tp.seed, self.cache is not None, units)
+            set_centre_taps(self.model.projection, *(shared.memo(key, compute) if shared else compute()))
         # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
         self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
                              weight_decay=tp.weight_decay)  # fmt: skip
         # a frozen projection on cached features: its outputs once, not its convolution every step
         self.encoded: EncodedFeatures | None = None
         if self.cache is not None and tp.projection_lr_scale == 0.0:
-            self.encoded = EncodedFeatures(self.model.projection, self.cache, self.device, gray=self.spec.ica)
+            self.encoded = (shared.encoded(self.model.projection, self.cache, self.device, gray=self.spec.ica) if shared
+                            else EncodedFeatures(self.model.projection, self.cache, self.device, gray=self.spec.ica))
         self.fingerprint = run_fingerprint(
             params,
             variant,
@@ -600,8 +652,10 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def validate(self) -> float:
+        # a frozen projection's outputs were computed once for every cached image (EncodedFeatures):
+        # the validation reads them instead of running the 1536-channel conv on its images every epoch
         runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache,
-                               amp=self.params.evaluate.amp)  # fmt: skip
+                               amp=self.params.evaluate.amp, encoded=self.encoded)  # fmt: skip
         miou = runner.evaluate(self.val_episodes, desc="validation").miou() * 100.0
         self.model.train()
         return miou
@@ -691,12 +745,21 @@ class Trainer:
         return summary
 
 
-def train_fold(params: Params, variant: str, fold: int, root: Path | str = ".") -> dict:
-    """One (variant, fold) training of the ``train@<variant>`` stage, in its own MLflow run.
+def train_fold_variants(params: Params, variants: list[str], fold: int, root: Path | str = ".") -> list[dict]:
+    """The ``train`` stage's job for one fold: every variant of ``variants`` in turn, each in its
+    own MLflow run (:func:`train_fold`), sharing what the fold's trainings compute alike
+    (:class:`FoldShared`).  Module-level so that :func:`simprop.parallel.run_folds` can run it
+    in a worker process.  Returns the summaries in variant order."""
+    shared = FoldShared(gray=any(VARIANT_SPECS[v].ica for v in variants))
+    return [train_fold(params, variant, fold, root, shared=shared) for variant in variants]
 
-    Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process;
-    under torchrun every rank calls it, rank 0 alone logs and writes.  Returns the summary
+
+def train_fold(params: Params, variant: str, fold: int, root: Path | str = ".", shared: FoldShared | None = None) -> dict:
+    """One (variant, fold) training of the ``train`` stage, in its own MLflow run.
+
+    Under torchrun every rank calls it, rank 0 alone logs and writes.  Returns the summary
     (best validation mIoU and epoch, wall time, ...) on rank 0, ``{}`` on the others.
+    ``shared``: what an earlier training of this fold in this process computed (:class:`FoldShared`).
     """
     from simprop.distributed import context_from_env, destroy
     from simprop.tracking import stage_run
@@ -705,10 +768,10 @@ def train_fold(params: Params, variant: str, fold: int, root: Path | str = ".") 
     ctx = context_from_env()
     try:
         if not ctx.is_main:  # rank > 0: train its share of each batch; rank 0 logs and writes
-            Trainer(params, variant, fold, root, dist_context=ctx).run()
+            Trainer(params, variant, fold, root, dist_context=ctx, shared=shared).run()
             return {}
         with stage_run("train", params, variant=variant, fold=fold, shots=1) as run:
-            trainer = Trainer(params, variant, fold, root, tracker=run, dist_context=ctx)
+            trainer = Trainer(params, variant, fold, root, tracker=run, dist_context=ctx, shared=shared)
             run.set_tags({
                 "device": str(trainer.device), "processes": ctx.world_size, "torch_threads": torch.get_num_threads(),
                 **trainer.model.parameter_counts(),

@@ -263,3 +263,37 @@ def test_error_overlap_against_a_perfect_supervised_model(repo):
     assert result["tp_gap"] == pytest.approx(100.0 - result["fss_miou"])
     assert result["fn_overlap"] in (0.0, None) and result["fp_overlap"] in (0.0, None)
     assert {r["class"] for r in result["per_class"]} == {"aeroplane", "bicycle"}
+
+
+def test_the_analyses_read_the_feature_cache_and_agree_with_the_backbone(repo, tmp_path, monkeypatch):
+    """With the features stage's cache for this backbone at evaluate.image_size, the analyses read
+    it instead of running ResNet-50 on their images; the numbers agree up to its float16 rounding."""
+    import shutil
+
+    from simprop.analysis.background_similarity import run_background_similarity
+    from simprop.analysis.error_similarity import run_error_similarity
+    from simprop.features import build_feature_cache
+    from simprop.model.encoder import Backbone
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["train"].update(image_size=IMAGE_SIZE, cache_backbone_features=True, augment=False, variants=["simpropnet"])
+    params = params_from_dict(raw)
+    before = run_background_similarity(params, root, device="cpu"), run_error_similarity(params, root, device="cpu")
+    build_feature_cache(params, root, torch.device("cpu"))
+
+    calls = []
+    forward = Backbone.forward
+    monkeypatch.setattr(Backbone, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    after = run_background_similarity(params, root, device="cpu"), run_error_similarity(params, root, device="cpu")
+    assert not calls, "the analyses ran the backbone although the cache holds its features"
+    for key in ("fg_cosine_mean", "bg_cosine_mean"):
+        assert after[0][key] == pytest.approx(before[0][key], abs=1e-3)
+    assert after[0]["pairs"] == before[0]["pairs"] and after[1]["pairs"] == before[1]["pairs"]
+    if before[1]["pairs"]:
+        assert after[1]["ratio_mean"] == pytest.approx(before[1]["ratio_mean"], abs=1e-2)
+
+    raw["evaluate"]["image_size"] = IMAGE_SIZE + 8  # a cache of another size is not read
+    run_background_similarity(params_from_dict(raw), root, device="cpu")
+    assert calls

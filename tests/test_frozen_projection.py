@@ -80,3 +80,29 @@ def test_without_the_feature_cache_a_frozen_projection_runs_the_conv(cached_root
     before = {n: p.detach().clone() for n, p in trainer.model.projection.named_parameters()}
     _train_steps(trainer, 2)
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.projection.named_parameters())
+
+
+def test_validation_reads_the_cached_encoder_outputs_and_scores_like_the_conv(cached_root):
+    """Trainer.validate hands its EpisodeRunner the precomputed encoder outputs of a frozen
+    projection: every validation then runs no 1536-channel conv, and scores what the conv gives."""
+    from simprop.evaluation import EpisodeRunner
+
+    params, root = cached_root
+    trainer = Trainer(params, "fbaf", 0, root)
+    _train_steps(trainer, 3)
+    trainer.model.eval()
+    episodes = trainer.val_episodes
+    kwargs = dict(batch_size=params.evaluate.batch_size, cache=trainer.cache)
+    read = EpisodeRunner(trainer.model, trainer.store, trainer.device, encoded=trainer.encoded, **kwargs)
+    conv = EpisodeRunner(trainer.model, trainer.store, trainer.device, **kwargs)
+    ids = sorted({e.query for e in episodes} | {s for e in episodes for s in e.supports})
+    torch.testing.assert_close(read.features(ids), conv.features(ids), rtol=0, atol=2e-3)  # both rounded to fp16
+    assert read.evaluate(episodes).miou() == pytest.approx(conv.evaluate(episodes).miou(), abs=1e-3)
+    calls = []
+    original = trainer.model.encode
+    trainer.model.encode = lambda x: calls.append(x.shape) or original(x)
+    try:
+        assert trainer.validate() == pytest.approx(conv.evaluate(episodes).miou() * 100, abs=0.1)
+    finally:
+        trainer.model.encode = original
+    assert not calls, "validation ran the encoder conv although its outputs were cached"

@@ -231,7 +231,7 @@ def test_a_checkpoint_of_another_fold_names_the_file_what_it_holds_and_what_was_
     assert "holds a 'canet' model of fold 1 (protocol oslsm" in message
     assert "expected a 'canet' model of fold 0" in message
     assert "1 aeroplane" in message  # fold 0's test classes, seen by a fold-1 model in training
-    assert "dvc repro train@canet)" in message
+    assert "(dvc repro train, or python3 stages/train.py --variant canet --fold 0)" in message
 
 
 @pytest.mark.parametrize(

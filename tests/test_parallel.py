@@ -14,7 +14,7 @@ import pytest
 from simprop.data.errors import DataError
 from simprop.parallel import FoldFailed, run_folds, threads_per_worker
 from simprop.params import ParamsError, load_params
-from simprop.stage import stage_folds
+from simprop.stage import stage_jobs
 
 
 def where(tag: str) -> tuple[str, int, int]:
@@ -149,11 +149,15 @@ def test_parallel_folds_params_are_validated(tmp_path):
             load_params(path)
 
 
-def test_stage_folds_are_the_params_folds_or_the_one_asked_for():
+def test_stage_jobs_are_the_params_lists_or_the_one_asked_for():
     params = load_params("params.yaml")
-    assert stage_folds(params, "canet", None) == list(params.train.folds)
-    assert stage_folds(params, "canet", 2) == [2]
+    assert stage_jobs(params, None, None) == (list(params.train.variants), list(params.train.folds))
+    assert stage_jobs(params, "canet", None) == (["canet"], list(params.train.folds))
+    assert stage_jobs(params, None, 2) == (list(params.train.variants), [2])
+    assert stage_jobs(params, "canet", 2) == (["canet"], [2])
     with pytest.raises(ParamsError, match="nosuch"):
-        stage_folds(params, "nosuch", None)
+        stage_jobs(params, "nosuch", None)
     with pytest.raises(ParamsError, match=r"\(canet, fold 7\)"):
-        stage_folds(params, "canet", 7)
+        stage_jobs(params, "canet", 7)
+    with pytest.raises(ParamsError, match=r": fold 7 is not"):
+        stage_jobs(params, None, 7)

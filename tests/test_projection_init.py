@@ -105,3 +105,48 @@ def test_trainer_starts_from_the_pca_view_of_its_folds_training_features(feature
     # the default keeps nn.Conv2d's seeded initialisation
     default = dataclasses.replace(params, train=dataclasses.replace(params.train, projection_init="default"))
     assert Trainer(default, "canet", 0, root).model.projection[0].weight[:, :, 0, 0].abs().sum() > 0
+
+
+def test_the_trainings_of_a_fold_share_its_pca_and_encoded_features_and_train_the_same(feature_cache_tree):
+    """The train stage trains a fold's variants in turn in one process, computing the PCA
+    initialisation and the frozen projection's outputs once (FoldShared): each training must
+    start and run exactly as it does on its own."""
+    from simprop.training import FoldShared
+
+    params, root, _ = feature_cache_tree(
+        model={"channels": 8},
+        train={"image_size": 33, "batch_size": 4, "augment": False, "device": "cpu", "projection_init": "pca",
+               "projection_lr_scale": 0.0, "epochs": 1, "iterations_per_epoch": 2, "val_every": 1},  # fmt: skip
+    )
+    shared = FoldShared(gray=True)
+    calls = []
+    original = shared.memo
+
+    def counting_memo(key, compute):
+        calls.append(key)
+        return original(key, compute)
+
+    shared.memo = counting_memo
+    computed = []
+    for variant in ("canet", "simpropnet"):  # simpropnet reads the channel-averaged (ICA) maps too
+        alone = Trainer(params, variant, 0, root)
+        with_shared = Trainer(params, variant, 0, root, shared=shared)
+        for a, b in zip(alone.model.projection.parameters(), with_shared.model.projection.parameters()):
+            assert torch.equal(a, b)
+        assert torch.equal(alone.encoded.color, with_shared.encoded.color)
+        if variant == "simpropnet":
+            assert torch.equal(alone.encoded.gray, with_shared.encoded.gray)
+        computed.append(with_shared.encoded)
+        batch_alone = alone._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+        batch_shared = with_shared._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+        torch.manual_seed(0)
+        loss_alone = alone._step(batch_alone)
+        torch.manual_seed(0)
+        assert with_shared._step(batch_shared) == loss_alone
+    assert computed[0] is computed[1], "the second variant reuses the first one's encoded features"
+    assert len(calls) == 2 and calls[0] == calls[1], "one key for the fold's PCA, asked for by both"
+    # encoded features of another projection are never handed out
+    other = Trainer(params, "canet", 0, root)
+    with torch.no_grad():
+        other.model.projection[0].bias.add_(1.0)
+    assert shared.encoded(other.model.projection, other.cache, other.device, gray=False) is not computed[0]

@@ -232,11 +232,11 @@ def test_missing_metrics_file_names_file_and_stage(tmp_path):
     with pytest.raises(MissingInputError) as err:
         build_report(params, tmp_path)
     assert "metrics/evaluate/simpropnet/fold2.json" in str(err.value)
-    assert "evaluate@simpropnet" in str(err.value)
+    assert "`dvc repro evaluate` (or `python stages/evaluate.py --variant simpropnet --fold 2`)" in str(err.value)
     assert isinstance(err.value, FileNotFoundError)  # the stage runner prints it as one line
 
     (tmp_path / "metrics" / "train" / "canet" / "fold0.json").unlink()
-    with pytest.raises(MissingInputError, match=r"metrics/train/canet/fold0\.json.*train@canet`"):
+    with pytest.raises(MissingInputError, match=r"metrics/train/canet/fold0\.json.*`dvc repro train`"):
         build_report(params, tmp_path)
 
 

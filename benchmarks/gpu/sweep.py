@@ -73,7 +73,7 @@ def worker(cfg):
     shared = Path(cfg["data_root"])
     run_root = WORK / "runs" / cfg["id"]
     (run_root / "models").mkdir(parents=True, exist_ok=True)
-    for link, target in ((run_root / "data", shared / "data"), (run_root / "models" / "backbone", shared / "models" / "backbone")):
+    for link, target in ((run_root / "data", shared / "data"), (run_root / "backbone", shared / "backbone")):
         if not link.exists(): link.symlink_to(target)
     fold = cfg["fold"]; t0 = time.time()
     os.chdir(run_root)

@@ -27,6 +27,7 @@ import numpy as np
 from simprop.analysis.common import (
     AnalysisError,
     backbone_note,
+    feature_cache_for,
     images_by_class,
     markdown_table,
     mean_std,
@@ -71,11 +72,12 @@ def class_images(params, root: Path) -> dict[int, list[str]]:
     return images_by_class(pairs)
 
 
-def map_vectors(backbone, store, wanted: dict[str, set[int]], device, batch_size: int) -> dict[tuple[str, int], tuple]:
+def map_vectors(backbone, store, wanted: dict[str, set[int]], device, batch_size: int,
+                cache=None) -> dict[tuple[str, int], tuple]:  # fmt: skip
     """(image, class) -> (Zf, Zb, foreground empty?, background empty?) as numpy vectors.
 
     ``wanted`` maps each image id to the classes whose vectors are needed; the backbone runs once
-    per image.
+    per image, or its features come from ``cache`` (:func:`simprop.analysis.common.feature_cache_for`).
     """
     import torch
 
@@ -88,9 +90,12 @@ def map_vectors(backbone, store, wanted: dict[str, set[int]], device, batch_size
     size = store.image_size
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        images = torch.stack([store.image(i) for i in chunk]).to(device)
-        with torch.inference_mode():
-            feats = backbone(images).float()
+        if cache is not None:
+            feats = cache.get(chunk).to(device)
+        else:
+            images = torch.stack([store.image(i) for i in chunk]).to(device)
+            with torch.inference_mode():
+                feats = backbone(images).float()
         grid = tuple(feats.shape[-2:])
         for k, image_id in enumerate(chunk):
             label = resize_label(store.label(image_id), size).to(device)
@@ -124,7 +129,8 @@ def run_background_similarity(params, root: Path = Path("."), device: str | None
     torch_device = pick_device(device or params.evaluate.device)
     backbone = build_backbone(params.model.backbone_weights, params.model.backbone_seed).to(torch_device).eval()
     store = ImageStore(DataPaths(root / params.data.root), params.evaluate.image_size, memoise=False)
-    vectors = map_vectors(backbone, store, wanted, torch_device, params.analysis.batch_size)
+    cache = feature_cache_for(params, root, backbone)
+    vectors = map_vectors(backbone, store, wanted, torch_device, params.analysis.batch_size, cache)
 
     per_pair = []
     skipped = 0

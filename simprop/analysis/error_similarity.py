@@ -30,6 +30,7 @@ from simprop.analysis.common import (
     AnalysisError,
     backbone_note,
     expected_checkpoint,
+    feature_cache_for,
     images_by_class,
     load_trained_model,
     markdown_table,
@@ -94,6 +95,7 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
         model, _ = load_trained_model(checkpoint, a.variant, torch_device, expected_checkpoint(params, root))
     size = params.evaluate.image_size
     store = ImageStore(DataPaths(root / params.data.root), size, memoise=False)
+    cache = feature_cache_for(params, root, model.backbone)
 
     rows = []
     without_errors = 0
@@ -103,14 +105,16 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
         n = len(chunk)
         ids = [p[1] for p in chunk] + [p[2] for p in chunk]  # A's then B's
         classes = [p[0] for p in chunk] * 2
-        images = torch.stack([store.image(i) for i in ids]).to(torch_device)
         targets = torch.stack(
             [binary_target(resize_label(store.label(i), size), c) for i, c in zip(ids, classes)]
         ).to(torch_device)
         gt = (targets == 1).float()
         swap = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(torch_device)  # A <-> B
         with torch.inference_mode():
-            feats = model.backbone_features(images)
+            if cache is not None:
+                feats = cache.get(ids).to(torch_device)
+            else:
+                feats = model.backbone_features(torch.stack([store.image(i) for i in ids]).to(torch_device))
             logits = model(
                 query_feats=feats,
                 support_feats=feats[swap].unsqueeze(1),

@@ -291,7 +291,7 @@ def _check_identity(path: Path, stored: CheckpointIdentity | None, expected: Che
             f"({', '.join(held_out_classes(expected.fold))}), so its scores there would be meaningless."
         )
     stage = (
-        f" (dvc repro train@{expected.variant})"
+        f" (dvc repro train, or python3 stages/train.py --variant {expected.variant} --fold {expected.fold})"
         if expected.variant is not None and expected.fold is not None else ""
     )  # fmt: skip
     raise CheckpointError(
