@@ -34,7 +34,8 @@ MLFLOW_SPANS = ("mlflow_setup", "mlflow_logging", "mlflow_close")
 
 
 def stage_kind(name: str) -> str:
-    """``train@canet`` -> ``train@*`` (the per-variant stages are summed per kind)."""
+    """``train@canet`` -> ``train@*``: the per-variant stages of the runs before 919b36c (one
+    ``train`` / ``evaluate`` stage since) are summed per kind; other names are kept."""
     return name.split("@")[0] + "@*" if "@" in name else name
 
 
