@@ -402,10 +402,12 @@ def evaluate_model(
         record[f"shot{shots}"] = over_seeds(f"shot{shots}", runner.evaluate, shots)
     record["mismatched"] = over_seeds("mismatched", runner.evaluate, 1, lambda eps: mismatched_episodes(eps, 1))
     if matcher_record is None:
-        matcher_record = evaluate_matcher(params, fold, root, device, cache, model.backbone_features, log)
-    elif log is not None:
-        log_seed_entries(log, {f"matcher_{k}": entry for k, entry in matcher_record.items()}, params.episodes.test_seeds)
+        matcher_record = evaluate_matcher(params, fold, root, device, cache, model.backbone_features)
     record["matcher"] = matcher_record
+    if log is not None:  # the run of every variant carries the matcher's per-seed numbers
+        for k, entry in matcher_record.items():
+            for seed in params.episodes.test_seeds:
+                log(seed_metrics(f"matcher_{k}", seed, entry[f"seed{seed}"]))
     if ev.identical_input:
         pairs = read_pairs(paths.split(fold, "test"))
         summary = runner.evaluate(identical_input_episodes(pairs), desc="identical input").summary()
@@ -432,21 +434,18 @@ def _over_seeds(params: Params, episodes_of: Callable[[int], list[Episode]],
         entry[f"seed{seed}"] = summary
         per_seed.append(summary)
         if log is not None:
-            log_seed_entries(log, {name: {f"seed{seed}": summary}}, [seed])
+            log(seed_metrics(name, seed, summary))
     entry.update(aggregate_seeds(per_seed))
     return entry
 
 
-def log_seed_entries(log, entries: dict[str, dict], seeds) -> None:
-    """Log ``<name>_seed<s>_miou`` / ``_fbiou`` of each entry's per-seed summaries."""
-    for name, entry in entries.items():
-        for seed in seeds:
-            summary = entry[f"seed{seed}"]
-            log({f"{name}_seed{seed}_miou": summary["miou"], f"{name}_seed{seed}_fbiou": summary["fbiou"]})
+def seed_metrics(name: str, seed: int, summary: dict) -> dict:
+    """The MLflow metrics of one test set's summary: ``<name>_seed<s>_miou`` / ``_fbiou``."""
+    return {f"{name}_seed{seed}_miou": summary["miou"], f"{name}_seed{seed}_fbiou": summary["fbiou"]}
 
 
 def evaluate_matcher(params: Params, fold: int, root: Path, device: torch.device, cache: FeatureCache | None,
-                     backbone_features: Callable, log=None) -> dict:  # fmt: skip
+                     backbone_features: Callable) -> dict:  # fmt: skip
     """The parameter-free prototype matcher on every test set and shot of ``fold``: the
     ``matcher`` entry of an evaluation record (``{"shot1": ..., "shot5": ...}``).  It reads the
     frozen backbone's features only, so it is the same for every variant of the fold."""
@@ -458,7 +457,7 @@ def evaluate_matcher(params: Params, fold: int, root: Path, device: torch.device
     return {
         f"shot{k}": _over_seeds(
             params, lambda seed, k=k: read_episodes(paths.episode_file(fold, f"test_seed{seed}"), k),
-            matcher.evaluate, f"matcher_shot{k}", f"fold{fold}", log,
+            matcher.evaluate, f"matcher_shot{k}", f"fold{fold}",
         )
         for k in ev.shots
     }  # fmt: skip
@@ -526,18 +525,22 @@ def evaluate_fold_variants(params: Params, variants: list[str], fold: int, root:
     its own MLflow run (:func:`evaluate_fold`); the prototype matcher, which has no parameters,
     is scored once for the fold and its numbers go into every variant's record and run.
     Module-level so that :func:`simprop.parallel.run_folds` can run it in a worker process."""
-    shared: dict = {}
-    return [evaluate_fold(params, variant, fold, root, shared=shared) for variant in variants]
+    records, matcher = [], None
+    for variant in variants:
+        records.append(evaluate_fold(params, variant, fold, root, matcher_record=matcher))
+        matcher = records[-1]["matcher"]
+    return records
 
 
-def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".", shared: dict | None = None) -> dict:
+def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".",
+                  matcher_record: dict | None = None) -> dict:  # fmt: skip
     """One (variant, fold) evaluation of the ``evaluate`` stage, in its own MLflow run.
 
     Scores the selected checkpoint (``models/<variant>/fold<i>/best.pt``) on every test set and
     shot count with the support-use controls (:func:`evaluate_model`); writes
     ``metrics/evaluate/<variant>/fold<i>.json`` and ``outputs/evaluate/<variant>/fold<i>/qualitative.png``.
-    ``shared``: a dict kept across the variants of one fold (:func:`evaluate_fold_variants`);
-    the first one stores the matcher's entries there, the others reuse them.
+    ``matcher_record``: the fold's matcher entries when an earlier variant of the fold scored them
+    (:func:`evaluate_fold_variants`), else they are scored here.
     """
     from simprop.features import open_feature_cache
     from simprop.model import build_model, expected_identity, load_checkpoint
@@ -561,9 +564,7 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
         run.set_tags({"checkpoint_epoch": meta.get("epoch"), "checkpoint_val_miou": meta.get("val_miou"),
                       "torch_threads": torch.get_num_threads()})  # fmt: skip
         record, runner = evaluate_model(params, model, variant, fold, root, device, cache, untrained=untrained,
-                                        log=run.log_metrics, matcher_record=(shared or {}).get("matcher"))  # fmt: skip
-        if shared is not None:
-            shared["matcher"] = record["matcher"]
+                                        log=run.log_metrics, matcher_record=matcher_record)  # fmt: skip
         record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
         write_json(out, record)
         rows = qualitative_rows(params, runner, fold, root, params.report.num_qualitative)

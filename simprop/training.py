@@ -295,14 +295,14 @@ class FoldShared:
     """What the trainings of one fold, run one after another in one process, compute once.
 
     The ``train`` stage hands each worker a fold and trains every variant on it in turn
-    (:func:`train_fold_variants`); the variants share the fold's feature statistics (the PCA
-    initialisation of the projection reads the same training features whatever the variant: its
-3.8 s, one thread, were paid by each of the 20 trainings of the default setup) and,
-    when the projection is frozen, its outputs (:class:`EncodedFeatures`).  A value is reused only
-    when everything it was computed from matches: the moments' key names the fold, seed and
-    sampling; the encoded features are kept with the projection weights and the feature-cache
-    index they were computed from and compared exactly (``torch.equal``) before reuse.  Computed
-    once or five times, the values are the same, so the trainings are too.
+    (:func:`train_fold_variants`); the variants share the PCA initialisation of the projection,
+    which reads the same training features whatever the variant (3.7 s of one thread, paid by
+    each of the default setup's 20 trainings before), and, when the projection is frozen, its
+    outputs (:class:`EncodedFeatures`).  A value is reused only when everything it was computed
+    from matches: the PCA's key names the fold, seed, feature source and unit count; the encoded
+    features are kept with the projection weights and the feature-cache index they were computed
+    from, compared exactly (``torch.equal``) before reuse.  Computed once or five times, the
+    values are the same, so the trainings are too.  A training on its own uses a fresh one.
     """
 
     def __init__(self, gray: bool = False) -> None:
@@ -394,6 +394,7 @@ class Trainer:
     def __init__(self, params: Params, variant: str, fold: int, root: Path, tracker=None,
                  dist_context: DistContext | None = None, shared: FoldShared | None = None):  # fmt: skip
         self.params = params
+        shared = shared or FoldShared()
         self.dist = dist_context or DistContext()
         if params.train.batch_size % self.dist.world_size:
             raise ParamsError(
@@ -440,15 +441,14 @@ class Trainer:
                 return pca_units(*feature_moments(self._feature_rows()), units)
 
             key = ("pca", fold, tp.seed, self.cache is not None, units)
-            set_centre_taps(self.model.projection, *(shared.memo(key, compute) if shared else compute()))
+            set_centre_taps(self.model.projection, *shared.memo(key, compute))
         # torch.optim.SGD's update without its 2 s import of torch._dynamo (simprop/optim.py)
         self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
                              weight_decay=tp.weight_decay)  # fmt: skip
         # a frozen projection on cached features: its outputs once, not its convolution every step
         self.encoded: EncodedFeatures | None = None
         if self.cache is not None and tp.projection_lr_scale == 0.0:
-            self.encoded = (shared.encoded(self.model.projection, self.cache, self.device, gray=self.spec.ica) if shared
-                            else EncodedFeatures(self.model.projection, self.cache, self.device, gray=self.spec.ica))
+            self.encoded = shared.encoded(self.model.projection, self.cache, self.device, gray=self.spec.ica)
         self.fingerprint = run_fingerprint(
             params,
             variant,
