@@ -16,7 +16,7 @@ a backbone is "frozen" only by leaving it out of the optimizer (and evaluation w
 ``no_grad``); ``cached`` = backbone features precomputed (feature cache), trainable part only.
 The random ('none') backbone is used: timings do not depend on the weights' values.
 
-Precisions: ``fp32``, or ``bf16`` = the model under :func:`simprop.precision.autocast` (what
+Precisions: ``fp32``, or ``bf16`` = the model under :func:`simprop.infra.device.autocast` (what
 ``train.amp: true`` does: bf16 autocast on the CPU and on bf16-capable GPUs, fp16 with a
 gradient scaler on older GPUs).  ``--channels-last`` also times each case with the model and
 inputs in channels-last memory layout.  On a GPU every timed step ends with
@@ -35,9 +35,12 @@ import time
 
 import torch
 
-from simprop.model import VARIANTS, apply_input_channel_averaging, build_model, dual_prediction_loss
+from simprop.infra.device import amp_dtype, autocast, needs_grad_scaler
+from simprop.model import VARIANTS
+from simprop.model.ica import apply_input_channel_averaging
+from simprop.model.losses import dual_prediction_loss
+from simprop.model.network import build_model
 from simprop.params import ModelParams
-from simprop.precision import amp_dtype, autocast, needs_grad_scaler
 
 MODES = ("no_grad", "autograd", "cached")
 SHOTS_EVAL = 5

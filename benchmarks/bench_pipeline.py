@@ -13,20 +13,18 @@ episode recomputes its images' backbone features), plus peak resident memory.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from simprop.datasets import DataPaths, ImageStore, read_episodes
-from simprop.evaluation import EpisodeRunner
-from simprop.features import open_feature_cache
+from simprop.data.datasets import DataPaths, ImageStore
+from simprop.data.io import read_episodes
+from simprop.engine.features import open_feature_cache
+from simprop.engine.inference import EpisodeRunner
 from simprop.params import load_params
-from simprop.training import Trainer
+from simprop.train.trainer import Trainer
 
 
 class NoMemoRunner(EpisodeRunner):
@@ -56,18 +54,6 @@ def ms_per_step(trainer: Trainer, batches: list[dict], warmup: int = 1) -> float
     for batch in batches[warmup:]:
         trainer._step(batch)
     return (time.perf_counter() - start) / len(batches[warmup:]) * 1000
-
-
-@contextlib.contextmanager
-def scratch_root(repo: Path, data_root: str = "data") -> Iterator[Path]:
-    """A temporary repository root linking ``repo``'s ``data_root`` and ``backbone``, with
-    its own ``models/``: a training run there leaves the repository's checkpoints untouched."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / data_root).symlink_to(repo / data_root)
-        (root / "models").mkdir()
-        (root / "backbone").symlink_to(repo / "backbone")
-        yield root
 
 
 def peak_mib() -> float:

@@ -2,7 +2,7 @@
 
 Runs ``/usr/bin/time -v dvc repro -f`` (or the given targets) in a repository with
 ``SIMPROP_STAGE_TIMINGS`` set, so every stage process appends its timing line
-(:mod:`simprop.timing`), then splits the wall time:
+(:mod:`simprop.infra.timing`), then splits the wall time:
 
 * ``startup``: interpreter start to the stage's ``run_stage`` call (Python, ``simprop.params``,
   the stage script) plus the stage's own lazy imports (torch, the library) and ``import mlflow``;

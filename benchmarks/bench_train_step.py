@@ -2,7 +2,7 @@
 
 Needs the default pipeline's data and feature cache (``dvc repro features episodes``). Three parts:
 
-1. for each variant, a :class:`simprop.training.Trainer` built from ``params.yaml`` (fold 0) runs
+1. for each variant, a :class:`simprop.train.trainer.Trainer` built from ``params.yaml`` (fold 0) runs
    ``WARMUP`` untimed steps, then ``--steps`` timed steps (ms/step), then ``--profile-steps`` steps under
    ``torch.profiler``: the share of the shared encoder projection's convolution (1536 input
    channels, forward and backward: oneDNN's convolution or the shifted-GEMM form's matrix
@@ -34,11 +34,11 @@ WARMUP = 20  # untimed steps first: with 5, the first variant in a process ran ~
 
 
 def step_breakdown(variant: str, steps: int, profile_steps: int) -> dict:
+    from bench_pipeline import ms_per_step, training_batches
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pipeline import ms_per_step, training_batches
     from simprop.params import load_params
-    from simprop.training import Trainer
+    from simprop.train.trainer import Trainer
 
     trainer = Trainer(load_params(ROOT / "params.yaml"), variant, 0, ROOT)
     batches = training_batches(trainer, WARMUP + steps + profile_steps)

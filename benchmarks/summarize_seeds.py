@@ -1,4 +1,4 @@
-"""Training-seed noise of the default setup, from a validation-only sweep (`gpu/plan_seeds.json`).
+"""Training-seed noise of the default setup, from a validation-only sweep.
 
 Reads the JSON lines that ``benchmarks/gpu/sweep.py`` writes (one line per training run: variant,
 fold, ``train.seed``, and the trained checkpoint's validation 1-shot / mismatched-support /
@@ -15,7 +15,9 @@ setting, then side by side.
 Only validation episodes are involved (the sweep never reads a test episode), so this measures
 how far apart two trainings of the same cell land, not a test score.
 
-    python3 benchmarks/summarize_seeds.py benchmarks/results/cpu_sweep_seeds.jsonl [more.jsonl ...]
+    python3 benchmarks/summarize_seeds.py docs/studies/2026-11-26-training-seeds/cpu_sweep_seeds.jsonl [more.jsonl ...]
+
+(the seed sweep of docs/studies/2026-11-26-training-seeds.md, whose ``cpu_sweep_seeds.md`` it wrote).
 """
 
 from __future__ import annotations

@@ -1,7 +1,15 @@
 """Hyperparameter sweep on validation episodes only (test episodes are never read), as run on the lent H100 to choose the defaults; OUT and SWEEP_WORK set where results and data go."""
-import dataclasses, itertools, json, os, subprocess, sys, time
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
-import numpy as np, torch
+
+import numpy as np
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from simprop.params import load_params
@@ -25,13 +33,13 @@ def data_root(name, size, sbd):
     return WORK / f"data_{name}_{size}"
 
 def build(root: Path, params, device):
-    from simprop.data.download import prepare_raw
     from simprop.data.augment import build_segmentation_class_aug
-    from simprop.data.splits import build_splits
+    from simprop.data.download import prepare_raw
     from simprop.data.episodes import build_episodes
     from simprop.data.layout import DataLayout
-    from simprop.backbone import materialise_backbone
-    from simprop.features import build_feature_cache
+    from simprop.data.splits import build_splits
+    from simprop.engine.features import build_feature_cache
+    from simprop.model.backbone import materialise_backbone
     layout = DataLayout(root / "data")
     if not (root / "data" / "episodes").exists():
         prepare_raw(layout, params.data, workers=8, progress=False)
@@ -48,8 +56,8 @@ def build(root: Path, params, device):
         os.chdir(old)
 
 def mismatch(episodes, pairs, fold, shots, seed=99):
-    from simprop.data.voc import fold_classes
-    from simprop.datasets import Episode
+    from simprop.data.io import Episode
+    from simprop.voc import fold_classes
     rng = np.random.default_rng([seed, fold])
     classes = fold_classes(fold); by = {}
     for img, c in pairs: by.setdefault(c, set()).add(img)
@@ -63,10 +71,13 @@ def mismatch(episodes, pairs, fold, shots, seed=99):
 
 def worker(cfg):
     torch.set_num_threads(1)
-    from simprop.training import Trainer
-    from simprop.model import load_checkpoint
-    from simprop.evaluation import EpisodeRunner, PrototypeMatcher, identical_input_episodes
-    from simprop.datasets import DataPaths, ImageStore, read_episodes, read_pairs
+    from simprop.data.datasets import DataPaths, ImageStore
+    from simprop.data.io import read_episodes, read_pairs
+    from simprop.engine.inference import EpisodeRunner
+    from simprop.engine.matcher import PrototypeMatcher
+    from simprop.evaluate.controls import identical_input_episodes
+    from simprop.model.checkpoint import load_checkpoint
+    from simprop.train.trainer import Trainer
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     params = override(load_params(REPO / "params.yaml"), **cfg["set"])
     params = override(params, **{"train.device": device.type, "evaluate.device": device.type})
