@@ -20,7 +20,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from simprop.segment import SegmentError, segment  # lazy: pulls in torch
+    from simprop.segment.api import SegmentError, segment  # lazy: pulls in torch
 
     try:
         results = segment(

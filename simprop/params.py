@@ -24,6 +24,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from simprop.errors import ParamsError
+
 VARIANTS = ("canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet")
 FOLDS = (0, 1, 2, 3)
 
@@ -32,10 +34,6 @@ REPO_PATHS = ("data.root", "backbone.path")
 outputs inside it, and refuses an outside one only after the stage wrote there).  Read-only file
 inputs may live anywhere: ``model.backbone_weights``, ``backbone.source`` (a weights file) and
 ``analysis.supervised_weights`` are not checked; neither is ``tracking.tracking_uri``."""
-
-
-class ParamsError(ValueError):
-    """A params.yaml value is missing, misspelt or invalid."""
 
 
 # --------------------------------------------------------------------------- sections
@@ -179,12 +177,12 @@ class TrainParams:
     folds: tuple[int, ...] = FOLDS
     lr: float = 2.5e-3
     lr_schedule: Literal["constant", "poly"] = "constant"  # poly: lr * (1 - step / steps) ** 0.9
-    # the encoder projection's rate is lr * projection_lr_scale (simprop.training.parameter_groups);
+    # the encoder projection's rate is lr * projection_lr_scale (simprop.train.optim.parameter_groups);
     # 0 freezes it at its seeded initialisation
     projection_lr_scale: float = 1.0
     # the encoder projection's initial weights: "default" = nn.Conv2d's seeded init; "pca" = its
     # centre tap reads the fold's training features along their leading principal components,
-    # whitened, each as a +/- pair of units (simprop.training.pca_projection_init)
+    # whitened, each as a +/- pair of units (simprop.model.pca.pca_projection_init)
     projection_init: Literal["default", "pca"] = "default"
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -202,7 +200,7 @@ class TrainParams:
     iom_history_p: float = 0.3
     cache_backbone_features: bool = False  # only valid without augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # mixed precision (simprop/precision.py): bf16 on CPU, bf16/fp16 on CUDA
+    amp: bool = False  # mixed precision (simprop/infra/device.py): bf16 on CPU, bf16/fp16 on CUDA
     channels_last: bool = False  # channels-last memory layout for the trainable convolutions
     seed: int = 0
     val_every: int = 1
@@ -210,7 +208,7 @@ class TrainParams:
     # torchrun, each process taking batch_size / processes samples of every batch
     processes: int = 1
     # folds trained at once by the train stage, each in its own process (which trains the variants in turn)
-    # with cores // parallel_folds threads (simprop/parallel.py); 1 = one after another, as with
+    # with cores // parallel_folds threads (simprop/infra/parallel.py); 1 = one after another, as with
     # processes > 1 (DDP spreads each fold over the processes, and the folds take turns)
     parallel_folds: int = 1
 
@@ -271,8 +269,8 @@ class EvaluateParams:
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
-    amp: bool = False  # the network under autocast (simprop/precision.py); controls stay float32
-    # folds evaluated at once by the evaluate stage (simprop/parallel.py)
+    amp: bool = False  # the network under autocast (simprop/infra/device.py); controls stay float32
+    # folds evaluated at once by the evaluate stage (simprop/infra/parallel.py)
     parallel_folds: int = 1
 
     def validate(self, key: str) -> None:

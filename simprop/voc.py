@@ -1,4 +1,6 @@
-"""PASCAL VOC class names and the PASCAL-5i fold split (protocol.md §2).
+"""PASCAL VOC class names, the PASCAL-5i fold split (protocol.md §2) and the VOC colour palette.
+
+The one place for these names: data, metrics, reports and analyses import them from here.
 
 Class ids are the 1-based VOC ids used in the label PNGs (0 is background,
 255 is void).  Fold ``i`` holds out classes ``5i+1 .. 5i+5`` for testing; papers
@@ -18,6 +20,9 @@ VOC_CLASSES: tuple[str, ...] = (
 NUM_CLASSES = len(VOC_CLASSES)
 NUM_FOLDS = 4
 IGNORE_INDEX = 255
+"""VOC "void": object boundaries and difficult regions, never scored."""
+BACKGROUND = 0
+CLASSES_PER_FOLD = NUM_CLASSES // NUM_FOLDS
 
 
 def class_name(class_id: int) -> str:
@@ -58,3 +63,22 @@ def train_classes(fold: int) -> tuple[int, ...]:
 def split_name(fold: int) -> str:
     """Paper naming of a fold: ``0 -> "split-1"``."""
     return f"split-{_check_fold(fold) + 1}"
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry VOC colour map as a flat ``[r, g, b, r, g, b, ...]`` list (PIL's ``putpalette``).
+
+    Colour of index ``i``: the bits of ``i`` are dealt out, three at a time, to the high bits of
+    red, green and blue (the devkit's ``labelcolormap``). Index 255 (void) is (224, 224, 192).
+    """
+    palette: list[int] = []
+    for index in range(256):
+        r = g = b = 0
+        code = index
+        for bit in range(8):
+            r |= ((code >> 0) & 1) << (7 - bit)
+            g |= ((code >> 1) & 1) << (7 - bit)
+            b |= ((code >> 2) & 1) << (7 - bit)
+            code >>= 3
+        palette += [r, g, b]
+    return palette

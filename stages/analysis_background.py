@@ -12,18 +12,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from simprop.infra.stage import run_analysis_stage
 from simprop.params import Params
-from simprop.stage import run_analysis_stage
 
 STAGE = "analysis_background"
 
 
 def analyse(params: Params, root: Path) -> int:
-    from simprop.timing import span
+    from simprop.infra.timing import span
 
-    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+    with span("imports"):  # what this stage needs, imported once (simprop.infra.timing)
         from simprop.analysis.background_similarity import run_background_similarity, write_background_similarity
-        from simprop.tracking import stage_run
+        from simprop.infra.tracking import stage_run
 
     metrics = root / "metrics" / "analysis" / "background_similarity.json"
     reports = root / "reports" / "analysis"

@@ -13,18 +13,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from simprop.infra.stage import run_analysis_stage
 from simprop.params import Params
-from simprop.stage import run_analysis_stage
 
 STAGE = "analysis_error_overlap"
 
 
 def analyse(params: Params, root: Path) -> int:
-    from simprop.timing import span
+    from simprop.infra.timing import span
 
-    with span("imports"):  # what this stage needs, imported once (simprop.timing)
+    with span("imports"):  # what this stage needs, imported once (simprop.infra.timing)
         from simprop.analysis.error_overlap import run_error_overlap, write_error_overlap
-        from simprop.tracking import stage_run
+        from simprop.infra.tracking import stage_run
 
     a = params.analysis
     metrics = root / "metrics" / "analysis" / "error_overlap.json"

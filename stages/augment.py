@@ -7,9 +7,9 @@ import sys
 
 from simprop.data.augment import build_segmentation_class_aug
 from simprop.data.layout import DataLayout
+from simprop.infra.stage import run_stage
+from simprop.infra.tracking import stage_run
 from simprop.params import Params
-from simprop.stage import run_stage
-from simprop.tracking import stage_run
 
 
 def main(argv: list[str] | None = None) -> int:

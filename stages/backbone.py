@@ -6,19 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from simprop.infra.stage import run_stage
 from simprop.params import Params
-from simprop.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(description=__doc__).parse_args(argv)
 
     def body(params: Params) -> int:
-        from simprop.timing import span
+        from simprop.infra.timing import span
 
-        with span("imports"):  # what this stage needs, imported once (simprop.timing)
-            from simprop.backbone import materialise_backbone
-            from simprop.tracking import stage_run
+        with span("imports"):  # what this stage needs, imported once (simprop.infra.timing)
+            from simprop.infra.tracking import stage_run
+            from simprop.model.backbone import materialise_backbone
 
         with stage_run("backbone", params) as run:
             provenance = materialise_backbone(params, Path("."))

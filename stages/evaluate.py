@@ -8,8 +8,8 @@ matcher (every test set and shot), the model with a mismatched support (every te
 1-shot), the all-foreground predictor and the untrained network (first test set), and the gains
 read from them (``support_use``).  Each (variant, fold) writes metrics/evaluate/<variant>/fold<i>.json
 and outputs/evaluate/<variant>/fold<i>/qualitative.png and logs to its own MLflow run
-(simprop.evaluation.evaluate_fold).  The folds are the jobs: evaluate.parallel_folds of them run
-side by side (simprop/parallel.py), each evaluating the variants in turn and scoring the
+(simprop.evaluate.run.evaluate_fold).  The folds are the jobs: evaluate.parallel_folds of them run
+side by side (simprop/infra/parallel.py), each evaluating the variants in turn and scoring the
 parameter-free matcher once.  --variant / --fold evaluate that variant / fold alone.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import sys
 
+from simprop.infra.stage import run_stage, stage_jobs, variant_args
 from simprop.params import Params
-from simprop.stage import run_stage, stage_jobs, variant_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params: Params) -> int:
         variants, folds = stage_jobs(params, args.variant, args.fold)
-        from simprop.parallel import run_folds
+        from simprop.infra.parallel import run_folds
 
         # by name: the workers import torch and the evaluation code, this process need not
         jobs = [(params, variants, fold) for fold in folds]
-        run_folds("simprop.evaluation:evaluate_fold_variants", jobs, params.evaluate.parallel_folds, [f"fold {f}" for f in folds])
+        run_folds("simprop.evaluate.run:evaluate_fold_variants", jobs, params.evaluate.parallel_folds, [f"fold {f}" for f in folds])
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold)) if v is not None)

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from simprop.infra.stage import run_stage
 from simprop.params import Params
-from simprop.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from simprop.timing import span
+        from simprop.infra.timing import span
 
-        with span("imports"):  # what this stage needs, imported once (simprop.timing)
-            from simprop.evaluation import resolve_device
-            from simprop.features import build_feature_cache
-            from simprop.tracking import stage_run
+        with span("imports"):  # what this stage needs, imported once (simprop.infra.timing)
+            from simprop.engine.features import build_feature_cache
+            from simprop.infra.device import resolve_device
+            from simprop.infra.tracking import stage_run
 
         with stage_run("features", params) as run:
             manifest = build_feature_cache(params, Path("."), resolve_device(params.train.device, "train.device"))

@@ -14,18 +14,18 @@ import argparse
 import sys
 from pathlib import Path
 
+from simprop.infra.stage import run_stage
 from simprop.params import Params
-from simprop.stage import run_stage
 
 STAGE = "report"
 
 
 def report(params: Params, root: Path) -> int:
-    from simprop.timing import span
+    from simprop.infra.timing import span
 
-    with span("imports"):  # what this stage needs, imported once (simprop.timing)
-        from simprop.report import build_report
-        from simprop.tracking import stage_run
+    with span("imports"):  # what this stage needs, imported once (simprop.infra.timing)
+        from simprop.infra.tracking import stage_run
+        from simprop.report.build import build_report
 
     with stage_run(STAGE, params, repo_root=root) as run:
         out = build_report(params, root)
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:
-        from simprop.report import StaleInputError
+        from simprop.report.build import StaleInputError
 
         try:
             return report(params, Path(args.root))

@@ -4,9 +4,9 @@ Usage: python stages/train.py [--variant simpropnet] [--fold 0]
 Each (variant, fold) writes models/<variant>/fold<i>/ (persisted: a killed run resumes from its
 last completed epoch, and a finished one is not trained again), metrics/train/<variant>/fold<i>.json
 and plots/train/{loss,val}/<variant>/fold<i>.csv, and logs to its own MLflow run
-(simprop.training.train_fold).  The folds are the jobs: train.parallel_folds of them run side by
-side, each in its own process (simprop/parallel.py), and a fold's process trains the variants one
-after another, sharing what they compute alike (simprop.training.FoldShared).  --variant / --fold
+(simprop.train.fold.train_fold).  The folds are the jobs: train.parallel_folds of them run side by
+side, each in its own process (simprop/infra/parallel.py), and a fold's process trains the variants one
+after another, sharing what they compute alike (simprop.train.shared.FoldShared).  --variant / --fold
 train that variant / fold alone.  With train.processes = N > 1 each (variant, fold) is trained in
 turn by N DDP processes: the script relaunches itself under torchrun (one process per GPU); it can
 also be started by hand with ``torchrun --nproc_per_node N stages/train.py --variant ... --fold ...``.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from simprop.infra.stage import run_stage, stage_jobs, under_torchrun, variant_args
 from simprop.params import Params
-from simprop.stage import run_stage, stage_jobs, under_torchrun, variant_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         variants, folds = stage_jobs(params, args.variant, args.fold)
         if params.train.processes > 1 and not under_torchrun():
             # train.processes > 1: relaunch this script under torchrun per (variant, fold), one process per GPU.
-            from simprop.distributed import torchrun_command
+            from simprop.infra.distributed import torchrun_command
 
             for variant in variants:
                 for fold in folds:
@@ -39,18 +39,18 @@ def main(argv: list[str] | None = None) -> int:
                         return code
             return 0
         if under_torchrun():  # one (variant, fold) per torchrun launch
-            from simprop.training import train_fold
+            from simprop.train.fold import train_fold
 
             for variant in variants:
                 for fold in folds:
                     train_fold(params, variant, fold)
             return 0
 
-        from simprop.parallel import run_folds
+        from simprop.infra.parallel import run_folds
 
         # by name: the workers import torch and the training code, this process need not
         jobs = [(params, variants, fold) for fold in folds]
-        run_folds("simprop.training:train_fold_variants", jobs, params.train.parallel_folds, [f"fold {f}" for f in folds])
+        run_folds("simprop.train.fold:train_fold_variants", jobs, params.train.parallel_folds, [f"fold {f}" for f in folds])
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold)) if v is not None)

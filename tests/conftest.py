@@ -98,7 +98,7 @@ def feature_cache_tree(data_pipeline, copy_tree, tmp_path):
     given ``model`` / ``train`` param overrides (``train.cache_backbone_features`` is on)."""
     import torch
 
-    from simprop.features import build_feature_cache
+    from simprop.engine.features import build_feature_cache
 
     def build(model: dict | None = None, train: dict | None = None):
         layout, params, _ = data_pipeline

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 
+from simprop.analysis.background_similarity import cosine
 from simprop.analysis.common import images_by_class, sample_pairs
 from simprop.analysis.error_overlap import (
     OverlapCounts,
@@ -24,7 +24,6 @@ from simprop.analysis.error_overlap import (
     tp_gap,
 )
 from simprop.analysis.error_similarity import error_region, pair_ratio
-from simprop.analysis.background_similarity import cosine
 from simprop.params import params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +146,8 @@ def _write_tree(root: Path) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    from simprop.model import build_model, expected_identity, save_checkpoint
+    from simprop.model.checkpoint import expected_identity, save_checkpoint
+    from simprop.model.network import build_model
     from simprop.params import ModelParams
 
     root = tmp_path_factory.mktemp("repo")
@@ -248,7 +248,8 @@ def test_error_overlap_stage_is_skipped_without_supervised_weights(repo, capsys)
 def test_error_overlap_against_a_perfect_supervised_model(repo):
     """A 'supervised model' that returns the ground truth makes no errors: overlaps are 0, the
     TP gap is 100 - the few-shot mIoU."""
-    from simprop.datasets import read_image, read_label
+    from simprop.data.io import read_label
+    from simprop.segment.api import read_image
 
     labels = repo / "data" / "SegmentationClassAug"
     images = repo / "data" / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages"
@@ -272,7 +273,7 @@ def test_the_analyses_read_the_feature_cache_and_agree_with_the_backbone(repo, t
 
     from simprop.analysis.background_similarity import run_background_similarity
     from simprop.analysis.error_similarity import run_error_similarity
-    from simprop.features import build_feature_cache
+    from simprop.engine.features import build_feature_cache
     from simprop.model.encoder import Backbone
 
     root = tmp_path / "repo"

@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from simprop.datasets import DataPaths, ImageStore, read_episodes
-from simprop.evaluation import EpisodeRunner, PrototypeMatcher, mismatched_episodes, support_use
-from simprop.features import FeatureCache
-from simprop.data.errors import DataError
-from simprop.model import build_model
+from simprop.data.datasets import DataPaths, ImageStore
+from simprop.data.io import read_episodes
+from simprop.engine.features import FeatureCache
+from simprop.engine.inference import EpisodeRunner
+from simprop.engine.matcher import PrototypeMatcher
+from simprop.errors import DataError
+from simprop.evaluate.controls import mismatched_episodes, support_use
+from simprop.model.network import build_model
 from simprop.params import ModelParams
 
 A = torch.tensor([1.0, 0.5, 0.0, 0.0])  # "object" feature

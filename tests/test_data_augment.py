@@ -11,7 +11,7 @@ from simprop.data.augment import build_segmentation_class_aug
 from simprop.data.errors import LabelError
 from simprop.data.io import read_id_list, read_label, read_palette_png, read_sbd_mat
 from simprop.data.layout import DataLayout
-from simprop.data.voc import voc_palette
+from simprop.voc import voc_palette
 
 
 def palette_png(path, label: np.ndarray) -> None:

@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from simprop.data.download import extract_archive, fetch, prepare_voc
-from simprop.data.errors import ArchiveError, ChecksumError, DownloadError, UnsafeArchiveError
+from simprop.data.errors import (
+    ArchiveError,
+    ChecksumError,
+    DownloadError,
+    UnsafeArchiveError,
+)
 from simprop.data.io import install_tree
 from simprop.data.layout import DataLayout
 

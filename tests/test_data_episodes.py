@@ -13,7 +13,7 @@ from simprop.data.episodes import build_episodes, draw_episodes
 from simprop.data.errors import EpisodeError
 from simprop.data.io import Episode, read_episodes, read_pairs, write_episodes
 from simprop.data.layout import DataLayout
-from simprop.data.voc import class_name, fold_classes
+from simprop.voc import class_name, fold_classes
 
 
 def test_episode_files_are_byte_identical_for_the_same_inputs(data_pipeline, copy_tree, tmp_path):

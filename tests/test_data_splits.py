@@ -27,7 +27,7 @@ from simprop.data.splits import (
     published_lines,
     published_warning,
 )
-from simprop.data.voc import fold_classes
+from simprop.voc import fold_classes
 
 
 def mask_with_sampled_pixels(height: int, width: int, n_sampled: int, extra: int = 0) -> np.ndarray:

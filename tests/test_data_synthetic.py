@@ -14,9 +14,16 @@ from scipy.io import loadmat
 
 from simprop.data.filters import kept_classes
 from simprop.data.io import read_id_list, read_palette_png
-from simprop.data.synthetic import CLASS_SCENE, SCENE_PREFERENCE, STYLES, choose_scene, write_synthetic_tree
-from simprop.data.voc import IGNORE, voc_palette
-from simprop.params import ParamsError, SyntheticParams, params_from_dict
+from simprop.data.synthetic import (
+    CLASS_SCENE,
+    SCENE_PREFERENCE,
+    STYLES,
+    choose_scene,
+    write_synthetic_tree,
+)
+from simprop.errors import ParamsError
+from simprop.params import SyntheticParams, params_from_dict
+from simprop.voc import IGNORE_INDEX, voc_palette
 
 
 def test_lists_relate_like_the_real_archives(data_pipeline):
@@ -45,7 +52,7 @@ def test_voc_masks_are_palette_pngs_with_void_bands(data_pipeline):
         assert img.mode == "P" and img.getpalette()[: 3 * 256] == voc_palette()
         assert img.size == (params.data.synthetic.width, params.data.synthetic.height)
     label = read_palette_png(path)
-    assert IGNORE in label and set(np.unique(label)) - {0, IGNORE}
+    assert IGNORE_INDEX in label and set(np.unique(label)) - {0, IGNORE_INDEX}
 
 
 def test_sbd_mat_holds_the_gtcls_struct(data_pipeline):
@@ -53,7 +60,7 @@ def test_sbd_mat_holds_the_gtcls_struct(data_pipeline):
     path = sorted(layout.sbd_masks.iterdir())[0]
     gtcls = loadmat(path)["GTcls"]
     segmentation = gtcls[0]["Segmentation"][0]  # the expression every SBD reader uses
-    assert segmentation.dtype == np.uint8 and segmentation.ndim == 2 and IGNORE not in segmentation
+    assert segmentation.dtype == np.uint8 and segmentation.ndim == 2 and IGNORE_INDEX not in segmentation
     present = sorted(int(c) for c in np.unique(segmentation) if c)
     assert gtcls[0]["CategoriesPresent"][0].ravel().tolist() == present
     boundaries = gtcls[0]["Boundaries"][0]
@@ -80,7 +87,7 @@ def test_the_task_is_not_trivial(data_pipeline):
     """Several classes per image, some objects dropped by the filter, distinct class styles."""
     layout, _, _ = data_pipeline
     labels = [read_palette_png(p) for p in sorted(layout.voc_masks.iterdir())]
-    present = [set(np.unique(lab).tolist()) - {0, IGNORE} for lab in labels]
+    present = [set(np.unique(lab).tolist()) - {0, IGNORE_INDEX} for lab in labels]
     kept = [set(kept_classes(lab, "oslsm")) for lab in labels]
     assert np.mean([len(p) >= 2 for p in present]) > 0.4  # about half hold 2-3 classes (VOC-like)
     assert np.mean([len(k) >= 2 for k in kept]) > 0.15  # ... some two that both pass the filter

@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
 from test_data_download import md5, tar_bytes  # tests/ is on sys.path under pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +60,7 @@ def ids(path: Path) -> set[str]:
 def voc_run(tmp_path_factory):
     """The four data stages on a generated tree downloaded over HTTP; ``(workdir, raw, outputs)``."""
     from conftest import TINY_SYNTHETIC, FileServer
+
     from simprop.data.synthetic import write_synthetic_tree
     from simprop.params import SyntheticParams
 

@@ -3,15 +3,16 @@ the all-foreground reference and the encoded-feature shortcut of the network."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
-from simprop.datasets import DataPaths, ImageStore, read_episodes
-from simprop.evaluation import EpisodeRunner, all_foreground_metrics, identical_input_episodes
-from simprop.metrics import EpisodeMetrics
-from simprop.model import build_model
+from simprop.data.datasets import DataPaths, ImageStore
+from simprop.data.io import read_episodes
+from simprop.engine.inference import EpisodeRunner
+from simprop.engine.metrics import EpisodeMetrics
+from simprop.evaluate.controls import all_foreground_metrics, identical_input_episodes
+from simprop.model.network import build_model
 from simprop.params import ModelParams
 
 
@@ -109,8 +110,8 @@ def test_scoring_conventions_change_what_the_prediction_is_scored_against(setup)
 
 
 def test_qualitative_panels_at_the_321_scoring_size(data_pipeline, setup, tmp_path):
-    from simprop.evaluation import qualitative_rows
-    from simprop.visualize import save_qualitative
+    from simprop.engine.visualize import save_qualitative
+    from simprop.evaluate.run import qualitative_rows
 
     layout, params, _ = data_pipeline
     paths, store, model = setup
@@ -122,8 +123,8 @@ def test_qualitative_panels_at_the_321_scoring_size(data_pipeline, setup, tmp_pa
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_cuda_device_on_a_machine_without_one_is_a_params_error_naming_the_key():
-    from simprop.evaluation import resolve_device
-    from simprop.params import ParamsError
+    from simprop.errors import ParamsError
+    from simprop.infra.device import resolve_device
 
     with pytest.raises(ParamsError, match=r"evaluate\.device: 'cuda:0' .*set evaluate\.device: auto"):
         resolve_device("cuda:0", "evaluate.device")
@@ -133,9 +134,9 @@ def test_a_cuda_device_on_a_machine_without_one_is_a_params_error_naming_the_key
 def test_batched_scoring_equals_scoring_each_episode_on_its_own():
     """score_margins upsamples and counts the episodes of one label size together; the result is
     the per-episode upsampling + confusion_counts, bit for bit, also when sizes differ in a batch."""
-    from simprop.datasets import Episode
-    from simprop.evaluation import evaluate_predictions, score_margins
-    from simprop.metrics import confusion_counts, scoring_label
+    from simprop.data.io import Episode
+    from simprop.engine.inference import evaluate_predictions, score_margins
+    from simprop.engine.metrics import confusion_counts, scoring_label
 
     rng = np.random.default_rng(4)
     sizes = {"a": (96, 128), "b": (50, 70), "c": (96, 128), "d": (50, 70), "e": (33, 33)}

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from simprop.datasets import DataError, DataPaths, ImageStore
-from simprop.features import MANIFEST, all_image_ids, open_feature_cache
-from simprop.model import build_model
+from simprop.data.datasets import DataPaths, ImageStore
+from simprop.engine.features import MANIFEST, all_image_ids, open_feature_cache
+from simprop.errors import DataError
+from simprop.model.network import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,8 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from simprop.model import build_model
-from simprop.training import Trainer, parameter_groups
+from simprop.model.network import build_model
+from simprop.train.optim import parameter_groups
+from simprop.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +45,7 @@ def _train_steps(trainer: Trainer, steps: int) -> list[float]:
     losses = []
     for i in range(steps):
         pairs = [(4 * i + j) % len(trainer.pairs) for j in range(4)]
-        losses.append(trainer._step(trainer._batch(0, [4 * i + j for j in range(4)], pairs, 0.5)))
+        losses.append(trainer._step(trainer.batches.build(0, [4 * i + j for j in range(4)], pairs, 0.5)))
     return losses
 
 
@@ -53,11 +54,11 @@ def test_cached_encoder_outputs_train_exactly_like_the_conv_they_replace(cached_
     params, root = cached_root
     fast = Trainer(params, variant, 0, root)
     assert fast.encoded is not None and (fast.encoded.gray is not None) == (variant == "simpropnet")
-    batch = fast._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
+    batch = fast.batches.build(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
     assert "query_encoded" in batch and "query_feats" not in batch
     slow = Trainer(params, variant, 0, root)
-    slow.encoded = None  # the backbone features through the (frozen) conv on every step
-    assert "query_feats" in slow._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
+    slow.encoded = slow.batches.encoded = None  # the backbone features through the (frozen) conv on every step
+    assert "query_feats" in slow.batches.build(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.5)
     projection = {n: p.detach().clone() for n, p in fast.model.projection.named_parameters()}
 
     fast_losses, slow_losses = _train_steps(fast, 4), _train_steps(slow, 4)
@@ -85,7 +86,7 @@ def test_without_the_feature_cache_a_frozen_projection_runs_the_conv(cached_root
 def test_validation_reads_the_cached_encoder_outputs_and_scores_like_the_conv(cached_root):
     """Trainer.validate hands its EpisodeRunner the precomputed encoder outputs of a frozen
     projection: every validation then runs no 1536-channel conv, and scores what the conv gives."""
-    from simprop.evaluation import EpisodeRunner
+    from simprop.engine.inference import EpisodeRunner
 
     params, root = cached_root
     trainer = Trainer(params, "fbaf", 0, root)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simprop.metrics import (
+from simprop.engine.metrics import (
     EpisodeMetrics,
     aggregate_seeds,
     confusion_counts,
@@ -15,7 +15,14 @@ from simprop.metrics import (
     mean_std,
     scoring_label,
 )
-from simprop.voc import VOC_CLASSES, class_id, class_name, fold_classes, split_name, train_classes
+from simprop.voc import (
+    VOC_CLASSES,
+    class_id,
+    class_name,
+    fold_classes,
+    split_name,
+    train_classes,
+)
 
 
 def test_voc_names_and_folds():

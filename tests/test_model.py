@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from model_helpers import make_episodes
-from simprop.model import (
-    IGNORE_INDEX,
-    VARIANTS,
-    apply_input_channel_averaging,
-    attention_maps,
-    build_model,
-    dual_prediction_loss,
-    ica_probability,
-    masked_average_pool,
-    segmentation_loss,
-)
+
+from simprop.model import IGNORE_INDEX, VARIANTS
 from simprop.model.encoder import BACKBONE_CHANNELS, OUTPUT_STRIDE
+from simprop.model.fbaf import attention_maps
+from simprop.model.ica import apply_input_channel_averaging, ica_probability
+from simprop.model.losses import dual_prediction_loss, segmentation_loss
+from simprop.model.network import build_model
+from simprop.model.prototypes import masked_average_pool
 from simprop.params import VARIANTS as PARAM_VARIANTS
 from simprop.params import ModelParams
-
 
 # Most tests use a narrow network (model.channels) so the file runs in about a minute on a
 # shared 2-core CPU; the architecture is the same code at any width.

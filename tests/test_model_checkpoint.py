@@ -14,9 +14,11 @@ import pytest
 import torch
 import torchvision
 
-from simprop.model import BackboneWeightsError, CheckpointError, build_model, load_checkpoint, save_checkpoint
+from simprop.errors import BackboneWeightsError, CheckpointError
 from simprop.model import encoder as encoder_module
+from simprop.model.checkpoint import load_checkpoint, save_checkpoint
 from simprop.model.encoder import build_backbone
+from simprop.model.network import build_model
 from simprop.params import ModelParams
 
 NARROW = 16
@@ -212,8 +214,13 @@ def test_checkpoint_errors_are_clear(tmp_path):
 
 # --------------------------------------------------------------------------- identity and safe loading
 
-from simprop.model import CheckpointIdentity, UnsafeCheckpointError  # noqa: E402
-from simprop.model.checkpoint import load_training_state, save_training_state, splits_digest  # noqa: E402
+from simprop.model.checkpoint import (  # noqa: E402  # noqa: E402
+    CheckpointIdentity,
+    UnsafeCheckpointError,
+    load_training_state,
+    save_training_state,
+    splits_digest,
+)
 
 IDENTITY = CheckpointIdentity(variant="canet", fold=1, protocol="oslsm", backbone_sha256="ab" * 32, splits_sha256="cd" * 32)
 

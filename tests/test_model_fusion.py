@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simprop.model import build_model
 from simprop.model.canet import CANetFusion
 from simprop.model.decoder import ASPP, DilatedConv2d
 from simprop.model.fbaf import FBAFFusion
+from simprop.model.network import build_model
 from simprop.model.prototype_conv import conv_with_tiled_prototype
 from simprop.params import ModelParams
 

@@ -1,4 +1,4 @@
-"""simprop.optim.SGD makes torch.optim.SGD's updates bit for bit, and shares its state format."""
+"""simprop.train.optim.SGD makes torch.optim.SGD's updates bit for bit, and shares its state format."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from simprop.optim import SGD
+from simprop.train.optim import SGD
 
 
 def _network(seed: int) -> torch.nn.Module:
@@ -92,7 +92,7 @@ def test_the_trainer_does_not_import_torch_dynamo():
     """The reason the class exists: building the optimizer (and a GradScaler) imports no dynamo."""
     code = (
         "import sys, torch\n"
-        "from simprop.optim import SGD\n"
+        "from simprop.train.optim import SGD\n"
         "net = torch.nn.Linear(3, 2)\n"
         "opt = SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)\n"
         "scaler = torch.amp.GradScaler('cpu', enabled=False)\n"

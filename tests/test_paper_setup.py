@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_setups import composed  # tests/ is on sys.path under pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""simprop.parallel: a stage's folds side by side in spawned worker processes."""
+"""simprop.infra.parallel: a stage's folds side by side in spawned worker processes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from simprop.data.errors import DataError
-from simprop.parallel import FoldFailed, run_folds, threads_per_worker
-from simprop.params import ParamsError, load_params
-from simprop.stage import stage_jobs
+from simprop.errors import DataError, FoldFailed, ParamsError
+from simprop.infra.parallel import run_folds, threads_per_worker
+from simprop.infra.stage import stage_jobs
+from simprop.params import load_params
 
 
 def where(tag: str) -> tuple[str, int, int]:
@@ -61,7 +61,7 @@ def test_sigterm_to_the_stage_process_stops_its_workers(tmp_path):
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from simprop.parallel import run_folds
+        from simprop.infra.parallel import run_folds
         from sleeper import sleep_and_record
         run_folds(sleep_and_record, [({str(pids)!r},), ({str(pids)!r},)], workers=2, labels=["fold 0", "fold 1"])
     """)
@@ -96,20 +96,20 @@ def test_a_failing_fold_stops_workers_whose_jobs_turn_sigterm_into_an_exception(
     (tmp_path / "stagelike.py").write_text(textwrap.dedent("""
         import os, time
         from simprop.data.errors import DataError
-        from simprop.tracking import _terminate_as_exception
+        from simprop.infra.tracking.run import _terminate_as_exception
         def fold(name, path):
             if name == "fold 0":
                 time.sleep(1.0)  # the other worker is inside its run by now
                 raise DataError("fold 0 broke on purpose")
             with open(path, "a") as fh:
                 fh.write(f"{os.getpid()}\\n")
-            with _terminate_as_exception():  # what simprop.tracking.stage_run does
+            with _terminate_as_exception():  # what simprop.infra.tracking.stage_run does
                 time.sleep(120)
     """))
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(tmp_path)!r})
-        from simprop.parallel import FoldFailed, run_folds
+        from simprop.infra.parallel import FoldFailed, run_folds
         from stagelike import fold
         jobs = [("fold 0", {str(pids)!r}), ("fold 1", {str(pids)!r}), ("fold 2", {str(pids)!r})]
         try:
@@ -132,9 +132,9 @@ def test_a_failing_fold_stops_workers_whose_jobs_turn_sigterm_into_an_exception(
 
 
 def test_parallel_folds_params_are_validated(tmp_path):
-    import yaml
-
     from pathlib import Path
+
+    import yaml
 
     base = yaml.safe_load(Path("params.yaml").read_text())
     for section, changes, message in (

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from simprop.params import ParamsError, load_params, params_from_dict
+from simprop.errors import ParamsError
+from simprop.params import load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow_server import (  # tests/ is on sys.path under pytest
+    start_server,
+    stop_server,
+)
 
-from mlflow_server import start_server, stop_server  # tests/ is on sys.path under pytest
-
-from simprop.parallel import threads_per_worker
+from simprop.infra.parallel import threads_per_worker
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet"]

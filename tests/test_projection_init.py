@@ -1,5 +1,5 @@
 """train.projection_init = "pca": the encoder conv starts as a whitened +/- view of the training
-features' leading principal components (simprop.training.pca_projection_init)."""
+features' leading principal components (simprop.model.pca.pca_projection_init)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from simprop.errors import ParamsError
 from simprop.model.encoder import FeatureProjection
-from simprop.params import ParamsError, TrainParams
-from simprop.training import Trainer, feature_moments, pca_projection_init
+from simprop.model.pca import feature_moments, pca_projection_init
+from simprop.params import TrainParams
+from simprop.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +113,7 @@ def test_the_trainings_of_a_fold_share_its_pca_and_encoded_features_and_train_th
     """The train stage trains a fold's variants in turn in one process, computing the PCA
     initialisation and the frozen projection's outputs once (FoldShared): each training must
     start and run exactly as it does on its own."""
-    from simprop.training import FoldShared
+    from simprop.train.shared import FoldShared
 
     params, root, _ = feature_cache_tree(
         model={"channels": 8},
@@ -137,8 +139,8 @@ def test_the_trainings_of_a_fold_share_its_pca_and_encoded_features_and_train_th
         if variant == "simpropnet":
             assert torch.equal(alone.encoded.gray, with_shared.encoded.gray)
         computed.append(with_shared.encoded)
-        batch_alone = alone._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
-        batch_shared = with_shared._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+        batch_alone = alone.batches.build(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+        batch_shared = with_shared.batches.build(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
         torch.manual_seed(0)
         loss_alone = alone._step(batch_alone)
         torch.manual_seed(0)

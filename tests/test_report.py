@@ -18,13 +18,13 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 from mlflow_server import copy_store, mlflow_db_template  # noqa: E402,F401  (fixture)
 
 from simprop import paper  # noqa: E402
+from simprop.layout import RunLayout  # noqa: E402
 from simprop.params import Params, dump_yaml  # noqa: E402
-from simprop.report import (  # noqa: E402
+from simprop.report.build import (  # noqa: E402
     CSV_COLUMNS,
     MissingInputError,
     StaleInputError,
     build_report,
-    evaluate_metrics_path,
 )
 from simprop.voc import class_name, fold_classes  # noqa: E402
 
@@ -73,7 +73,7 @@ def fake_evaluate_record(params: Params, variant: str, fold: int) -> dict:
 
 
 def write_run(root: Path, params: Params, variant: str, fold: int, curves: bool = True) -> None:
-    path = evaluate_metrics_path(root, variant, fold)
+    path = RunLayout(root, variant, fold).evaluate_metrics
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fake_evaluate_record(params, variant, fold)))
     train = root / "metrics" / "train" / variant / f"fold{fold}.json"
@@ -192,7 +192,7 @@ def test_figures_and_summary(built):
 
 
 def test_per_class_iou_keeps_class_names(built):
-    from simprop.report import class_iou_by_variant, load_results
+    from simprop.report.build import class_iou_by_variant, load_results
 
     _, params, _ = built
     root = built[0]
@@ -228,7 +228,7 @@ def test_missing_metrics_file_names_file_and_stage(tmp_path):
     for variant in params.train.variants:
         for fold in params.train.folds:
             write_run(tmp_path, params, variant, fold, curves=False)
-    evaluate_metrics_path(tmp_path, "simpropnet", 2).unlink()
+    RunLayout(tmp_path, "simpropnet", 2).evaluate_metrics.unlink()
     with pytest.raises(MissingInputError) as err:
         build_report(params, tmp_path)
     assert "metrics/evaluate/simpropnet/fold2.json" in str(err.value)
@@ -281,7 +281,7 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
     assert {"reports/tables.md", "reports/table3.csv", "reports/figures"} <= listed
 
     # a missing input is one clear line and exit status 2, and the run is marked FAILED
-    evaluate_metrics_path(tmp_path, "simpropnet", 0).unlink()
+    RunLayout(tmp_path, "simpropnet", 0).evaluate_metrics.unlink()
     assert stage.main(["--params", str(params_file), "--root", str(tmp_path)]) == 2
     assert "simpropnet/fold0.json" in capsys.readouterr().err
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
@@ -289,7 +289,7 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
 
 
 def test_analysis_outputs_join_the_report(tmp_path):
-    from simprop.report import analysis_sections
+    from simprop.report.build import analysis_sections
 
     analysis = tmp_path / "reports" / "analysis"
     analysis.mkdir(parents=True)
@@ -333,9 +333,9 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     for variant in other.train.variants:
         for fold in other.train.folds:
             write_run(tmp_path, other, variant, fold, curves=False)
-            record = json.loads(evaluate_metrics_path(tmp_path, variant, fold).read_text())
+            record = json.loads(RunLayout(tmp_path, variant, fold).evaluate_metrics.read_text())
             record.update(void="background", class_sampling="uniform")
-            evaluate_metrics_path(tmp_path, variant, fold).write_text(json.dumps(record))
+            RunLayout(tmp_path, variant, fold).evaluate_metrics.write_text(json.dumps(record))
     splits = {"published_lists": {"checked": True, "matches_all": False, "source": "HSNet lists",
                                   "fold0": {"trn": {"matches_published": True}, "val": {"matches_published": False}}}}  # fmt: skip
     (tmp_path / "metrics" / "splits.json").write_text(json.dumps(splits))
@@ -350,7 +350,7 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     assert rows["published lists"] == "not checked: data.source 'synthetic'"
 
     # a metrics file scored in another convention is stale
-    stale = json.loads(evaluate_metrics_path(tmp_path, "canet", 0).read_text())
-    evaluate_metrics_path(tmp_path, "canet", 0).write_text(json.dumps({**stale, "void": "ignore"}))
+    stale = json.loads(RunLayout(tmp_path, "canet", 0).evaluate_metrics.read_text())
+    RunLayout(tmp_path, "canet", 0).evaluate_metrics.write_text(json.dumps({**stale, "void": "ignore"}))
     with pytest.raises(StaleInputError, match="void"):
         build_report(other, tmp_path)

@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from simprop.cli import main
-from simprop.model import build_model, save_checkpoint
+from simprop.model.checkpoint import save_checkpoint
+from simprop.model.network import build_model
 from simprop.params import ModelParams
-from simprop.segment import SegmentError, read_mask, segment
+from simprop.segment.api import SegmentError, read_mask, segment
 
 IMAGE_SIZE = 65
 
@@ -236,7 +237,7 @@ def test_failure_mid_batch_leaves_the_output_folder_as_it_was(checkpoint, inputs
     out = inputs["out"]
     out.mkdir()
     (out / "keep.txt").write_text("user file")
-    import simprop.segment as seg
+    import simprop.segment.api as seg
 
     calls = {"n": 0}
     real = seg.predict_masks
@@ -274,7 +275,7 @@ def test_gpu_gives_the_cpu_masks(checkpoint, inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def fold0_checkpoint(tmp_path_factory) -> Path:
-    from simprop.model import CheckpointIdentity
+    from simprop.model.checkpoint import CheckpointIdentity
 
     path = tmp_path_factory.mktemp("ckpt_fold0") / "best.pt"
     torch.manual_seed(0)
@@ -347,7 +348,7 @@ def test_a_read_only_out_folder_exits_2(checkpoint, inputs, capsys, tmp_path):
 
 
 def test_the_checkpoint_and_supports_are_checked_before_any_query_is_decoded(checkpoint, inputs, monkeypatch, tmp_path):
-    import simprop.segment as seg
+    import simprop.segment.api as seg
 
     queries = {Path(p) for p in inputs["queries"]}
     decoded = []
@@ -371,7 +372,7 @@ def test_the_checkpoint_and_supports_are_checked_before_any_query_is_decoded(che
 
 
 def test_queries_are_decoded_one_batch_at_a_time(checkpoint, inputs, monkeypatch):
-    import simprop.segment as seg
+    import simprop.segment.api as seg
 
     for i in range(4, 8):
         _image(inputs["folder"] / f"q{i}.png", 40, 30, i)

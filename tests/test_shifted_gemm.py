@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from simprop.model.encoder import FeatureProjection
-from simprop.model.shifted_gemm import ShiftedGemmConv2d, _ShiftedGemmConv, shifted_gemm_conv3x3
+from simprop.model.shifted_gemm import (
+    ShiftedGemmConv2d,
+    _ShiftedGemmConv,
+    shifted_gemm_conv3x3,
+)
 
 # (batch, in channels, height, width, out channels, dilation): the default setup's projection,
 # maps smaller than the dilation (taps entirely in the padding), non-square maps, dilation 1

@@ -17,15 +17,10 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from mlflow_server import copy_store, mlflow_db_template, mlflow_server  # noqa: E402,F401  (fixtures)
 
+from simprop.infra.tracking import stage_run
+from simprop.infra.tracking.store import find_repo_root, original_repo_root, resolve_tracking
+from simprop.infra.tracking.tags import run_name, sanitize_key
 from simprop.params import Params, TrackingParams  # noqa: E402
-from simprop.tracking import (  # noqa: E402
-    find_repo_root,
-    original_repo_root,
-    resolve_tracking,
-    run_name,
-    sanitize_key,
-    stage_run,
-)
 
 
 @pytest.fixture
@@ -262,8 +257,8 @@ from pathlib import Path
 root, mode = Path(sys.argv[1]), sys.argv[2]
 import signal
 import mlflow  # noqa: F401  (imported before the start signal, so that all processes open the store at once)
-from simprop.stage import run_stage
-from simprop.tracking import stage_run
+from simprop.infra.stage import run_stage
+from simprop.infra.tracking import stage_run
 
 
 def body(params):

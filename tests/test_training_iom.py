@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from simprop.training import IOMHistory, Trainer
+from simprop.train.batches import IOMHistory
+from simprop.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,33 +45,33 @@ def test_a_pairs_prediction_comes_back_as_its_history_the_next_time_it_is_drawn(
     run = trainer(data_pipeline, "canet", iom_history_p=1.0)
     assert run.iom is not None
     pairs = [0, 3, 5, 7]
-    first = run._batch(0, [0, 1, 2, 3], pairs, 0.0)
+    first = run.batches.build(0, [0, 1, 2, 3], pairs, 0.0)
     assert first["query_history"] is None  # no prediction kept yet: the network sees zeros
     run._step(first)
     stored = run.iom.table[pairs].float()
     assert stored.shape == (4, 2, 5, 5)  # softmax at the feature size of a 33 px input
     torch.testing.assert_close(stored.sum(1), torch.ones(4, 5, 5), atol=2e-3, rtol=0)
-    again = run._batch(1, [0, 1, 2, 3], pairs, 0.0)
+    again = run.batches.build(1, [0, 1, 2, 3], pairs, 0.0)
     torch.testing.assert_close(again["query_history"], stored)
     assert run.iom.seen.sum() == 4
 
 
 def test_history_is_zeros_when_never_drawn_and_absent_for_variants_without_iom(data_pipeline):
     run = trainer(data_pipeline, "canet", iom_history_p=0.0)
-    batch = run._batch(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+    batch = run.batches.build(0, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
     run._step(batch)
-    again = run._batch(1, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
+    again = run.batches.build(1, [0, 1, 2, 3], [0, 1, 2, 3], 0.0)
     assert not again["query_history"].any()
     assert trainer(data_pipeline, "simpropnet", iom_history_p=1.0).iom is None
 
 
 def test_batch_targets_and_masks_come_from_the_labels_and_are_not_kept_without_the_feature_cache(data_pipeline):
-    from simprop.datasets import binary_target
+    from simprop.data.datasets import binary_target
 
     run = trainer(data_pipeline, "dpr", iom_history_p=0.0)
     assert run.cache is None  # the paper setup's path: 321 px targets would be ~100 KB a pair
     pairs = [0, 1, 2, 3]
-    batch = run._batch(0, [0, 1, 2, 3], pairs, 0.0)
+    batch = run.batches.build(0, [0, 1, 2, 3], pairs, 0.0)
     for row, pair in enumerate(pairs):
         query, cls = run.pairs[pair]
         torch.testing.assert_close(batch["query_labels"][row], binary_target(run.store.input_label(query), cls))
@@ -78,7 +79,7 @@ def test_batch_targets_and_masks_come_from_the_labels_and_are_not_kept_without_t
     assert set(support_targets.unique().tolist()) <= {0, 1, 255}
     torch.testing.assert_close(batch["support_masks"][:, 0], (support_targets == 1).float())
     assert batch["support_masks"].dtype == torch.float32 and batch["query_labels"].dtype == torch.long
-    assert run._targets == {}
+    assert run.batches._targets == {}
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.1])

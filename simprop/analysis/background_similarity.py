@@ -34,11 +34,14 @@ from simprop.analysis.common import (
     pick_device,
     sample_pairs,
     write_csv,
-    write_json,
     write_text,
 )
-from simprop.visualize import save_figure
-from simprop.voc import class_name
+from simprop.data.datasets import DataPaths, ImageStore, read_pairs, resize_label
+from simprop.engine.visualize import save_figure
+from simprop.infra.atomic import write_json
+from simprop.model.encoder import build_backbone
+from simprop.model.prototypes import masked_average_pool, region_is_empty
+from simprop.voc import IGNORE_INDEX, class_name
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -53,7 +56,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def class_images(params, root: Path) -> dict[int, list[str]]:
     """Image ids per class id from the split lists of every fold in ``splits.folds``."""
-    from simprop.datasets import DataPaths, read_pairs
 
     paths = DataPaths(root / params.data.root)
     pairs: list[tuple[str, int]] = []
@@ -81,9 +83,6 @@ def map_vectors(backbone, store, wanted: dict[str, set[int]], device, batch_size
     """
     import torch
 
-    from simprop.datasets import resize_label
-    from simprop.model.prototypes import masked_average_pool, region_is_empty
-    from simprop.voc import IGNORE_INDEX
 
     out: dict[tuple[str, int], tuple] = {}
     ids = sorted(wanted)
@@ -112,8 +111,6 @@ def map_vectors(backbone, store, wanted: dict[str, set[int]], device, batch_size
 
 def run_background_similarity(params, root: Path = Path("."), device: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Figure 3's numbers: per-class mean/std cosine similarity of foreground and background MAPs."""
-    from simprop.datasets import DataPaths, ImageStore
-    from simprop.model.encoder import build_backbone
 
     a = params.analysis
     rng = np.random.default_rng(a.seed)

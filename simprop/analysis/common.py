@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from simprop import atomic
-
-
-class AnalysisError(RuntimeError):
-    """An analysis input is missing or unusable; the message says which file and what to do."""
+from simprop.engine.features import open_feature_cache
+from simprop.errors import AnalysisError
+from simprop.infra import atomic
+from simprop.model import CheckpointIdentity, expected_identity, load_checkpoint
 
 
 def feature_cache_for(params, root: Path, backbone):
@@ -23,7 +21,6 @@ def feature_cache_for(params, root: Path, backbone):
     The analyses then read the cached layer2 + layer3 features instead of running ResNet-50 on
     their images again (the default setup: 11 of the two stages' 22 s); the cache stores them in
     float16, as every train and evaluate stage reads them."""
-    from simprop.features import open_feature_cache
 
     return open_feature_cache(params, root, params.evaluate.image_size, backbone.checksum())
 
@@ -76,7 +73,6 @@ def load_trained_model(checkpoint: Path, variant: str, device, expected=None):
     ``expected``: the :class:`~simprop.model.checkpoint.CheckpointIdentity` the analysis needs
     (its variant, fold, protocol, backbone and fold lists); any difference is an error.
     """
-    from simprop.model import CheckpointIdentity, load_checkpoint
 
     if not checkpoint.is_file():
         raise AnalysisError(
@@ -89,13 +85,8 @@ def load_trained_model(checkpoint: Path, variant: str, device, expected=None):
 
 def expected_checkpoint(params, root: Path):
     """What the analysed checkpoint (``analysis.variant`` / ``analysis.fold``) must have been trained as."""
-    from simprop.model import expected_identity
 
     return expected_identity(params, params.analysis.variant, params.analysis.fold, root)
-
-
-def write_json(path: Path, data: Mapping[str, Any]) -> Path:
-    return atomic.write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:

@@ -39,10 +39,12 @@ from simprop.analysis.common import (
     markdown_table,
     pick_device,
     write_csv,
-    write_json,
     write_text,
 )
 from simprop.analysis.error_similarity import checkpoint_path
+from simprop.data.datasets import DataPaths, ImageStore, normalise, read_episodes, resize_label, support_mask
+from simprop.engine.metrics import EpisodeMetrics, episode_label
+from simprop.infra.atomic import write_json
 from simprop.voc import IGNORE_INDEX, class_name
 
 PAPER_CANET = {"fn_overlap": 18.32, "fp_overlap": 9.11, "tp_gap": 23.28}
@@ -116,7 +118,10 @@ def load_supervised(weights: str, device) -> Callable[[np.ndarray], np.ndarray]:
     """A function image uint8 [H,W,3] -> VOC class map [H,W]; :class:`SupervisedUnavailable` if not loadable."""
     import torch
     import torch.nn.functional as F
-    from torchvision.models.segmentation import DeepLabV3_ResNet50_Weights, deeplabv3_resnet50
+    from torchvision.models.segmentation import (
+        DeepLabV3_ResNet50_Weights,
+        deeplabv3_resnet50,
+    )
 
     if weights == "none":
         raise SupervisedUnavailable("analysis.supervised_weights is 'none' (no supervised model configured)")
@@ -154,7 +159,6 @@ def load_supervised(weights: str, device) -> Callable[[np.ndarray], np.ndarray]:
             ) from exc
     net = net.to(device).eval()
 
-    from simprop.datasets import normalise
 
     def predict(image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
@@ -192,8 +196,6 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
     import torch
     import torch.nn.functional as F
 
-    from simprop.datasets import DataPaths, ImageStore, read_episodes, support_mask, resize_label
-    from simprop.metrics import EpisodeMetrics, episode_label
 
     a = params.analysis
     torch_device = pick_device(device or params.evaluate.device)

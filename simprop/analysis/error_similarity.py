@@ -38,21 +38,23 @@ from simprop.analysis.common import (
     pick_device,
     sample_pairs,
     write_csv,
-    write_json,
     write_text,
 )
+from simprop.data.datasets import DataPaths, ImageStore, binary_target, read_pairs, resize_label
+from simprop.infra.atomic import write_json
+from simprop.layout import RunLayout
+from simprop.model.prototypes import masked_average_pool, region_is_empty
 from simprop.voc import class_name
 
 PAPER_MEAN, PAPER_STD = 0.87, 0.25
 
 
 def checkpoint_path(params, root: Path) -> Path:
-    return root / "models" / params.analysis.variant / f"fold{params.analysis.fold}" / "best.pt"
+    return RunLayout(root, params.analysis.variant, params.analysis.fold).best
 
 
 def test_pairs(params, root: Path, rng: np.random.Generator) -> list[tuple[int, str, str]]:
     """``analysis.error_pairs`` same-class pairs of the fold's test images, spread over its classes."""
-    from simprop.datasets import DataPaths, read_pairs
 
     by_class = images_by_class(read_pairs(DataPaths(root / params.data.root).split(params.analysis.fold, "test")))
     wanted = params.analysis.error_pairs
@@ -83,8 +85,6 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
     """The ratio per pair and its mean/std; ``model`` overrides loading the fold's best.pt."""
     import torch
 
-    from simprop.datasets import DataPaths, ImageStore, binary_target, resize_label
-    from simprop.model.prototypes import masked_average_pool, region_is_empty
 
     a = params.analysis
     rng = np.random.default_rng(a.seed)

@@ -18,7 +18,14 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from simprop.data.errors import LabelError
-from simprop.data.io import image_size, install_tree, read_id_list, read_palette_png, read_sbd_mat, write_label_png
+from simprop.data.io import (
+    image_size,
+    install_tree,
+    read_id_list,
+    read_palette_png,
+    read_sbd_mat,
+    write_label_png,
+)
 from simprop.data.layout import DataLayout
 from simprop.data.progress import progress_bar, resolve_workers
 

@@ -13,11 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simprop.data.errors import DataError
-from simprop.data.layout import DataLayout
 # file readers shared with the data stages (each error names the file), re-exported for callers
 from simprop.data.io import Episode, read_episodes, read_label, read_pairs  # noqa: F401
 from simprop.data.io import load_image as read_image  # noqa: F401
+from simprop.data.layout import DataLayout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

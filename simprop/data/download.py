@@ -32,7 +32,13 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from simprop.data.errors import ArchiveError, ChecksumError, DataError, DownloadError, UnsafeArchiveError
+from simprop.data.errors import (
+    ArchiveError,
+    ChecksumError,
+    DataError,
+    DownloadError,
+    UnsafeArchiveError,
+)
 from simprop.data.io import install_tree
 from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR, DataLayout
 from simprop.data.progress import progress_bar

@@ -55,7 +55,7 @@ from simprop.data.io import (
     write_episodes,
 )
 from simprop.data.layout import DataLayout
-from simprop.data.voc import class_name, fold_classes
+from simprop.voc import class_name, fold_classes
 
 
 def images_by_class(pairs: Sequence[tuple[str, int]], classes: Sequence[int]) -> dict[int, list[str]]:

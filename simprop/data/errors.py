@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from simprop.errors import DataError
 
-class DataError(RuntimeError):
-    """A data file is missing, corrupt or inconsistent; the message names it."""
+__all__ = ["ArchiveError", "ChecksumError", "DataError", "DownloadError", "EpisodeError", "LabelError", "UnsafeArchiveError"]
 
 
 class DownloadError(DataError):

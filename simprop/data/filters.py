@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from simprop.data.voc import NUM_CLASSES
+from simprop.voc import NUM_CLASSES
 
 OSLSM_STRIDE = 32
 OSLSM_PAD = 15  # change_coordinates(mask, 32.0, 0.0): pad = int(-0.0 + (32 - 1) / 2)
@@ -56,7 +56,9 @@ def oslsm_downsample(mask: np.ndarray) -> np.ndarray:
     with ``order=0, preserve_range=True``), with ``anti_aliasing=False`` spelt out because
     scikit-image >= 0.15 smooths float input before resizing unless told not to.
     """
-    from skimage.transform import resize  # imported on use: scikit-image is slow to import
+    from skimage.transform import (
+        resize,  # imported on use: scikit-image is slow to import
+    )
 
     mask = np.asarray(mask, dtype=np.float32)
     height, width = mask.shape

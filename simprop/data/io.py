@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simprop.atomic import write_text
 from simprop.data.errors import DataError, LabelError
-from simprop.data.voc import IGNORE, NUM_CLASSES
+from simprop.infra.atomic import write_text
+from simprop.voc import IGNORE_INDEX, NUM_CLASSES
 
 # ---------------------------------------------------------------------------- id lists
 
@@ -52,10 +52,10 @@ def check_label(label: np.ndarray, source: Path | str) -> np.ndarray:
             raise LabelError(f"{source}: label values outside 0..255 (dtype {label.dtype})")
         label = label.astype(np.uint8)
     present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
-    bad = [int(v) for v in present if v > NUM_CLASSES and v != IGNORE]
+    bad = [int(v) for v in present if v > NUM_CLASSES and v != IGNORE_INDEX]
     if bad:
         raise LabelError(
-            f"{source}: label values {bad[:5]} are not VOC class indices (0..{NUM_CLASSES}, {IGNORE}); "
+            f"{source}: label values {bad[:5]} are not VOC class indices (0..{NUM_CLASSES}, {IGNORE_INDEX}); "
             "was the mask converted to RGB or grey instead of kept as palette indices?"
         )
     return label
@@ -160,7 +160,7 @@ def install_tree(target: Path, build: Callable[[Path], object]) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place (:mod:`simprop.atomic`)."""
+    """Write ``text`` to ``path`` through a temporary file renamed into place (:mod:`simprop.infra.atomic`)."""
     write_text(path, text)
 
 

@@ -36,10 +36,16 @@ import numpy as np
 
 from simprop.data.errors import DataError
 from simprop.data.filters import class_pixel_counts, passes
-from simprop.data.io import atomic_write_text, install_tree, read_id_list, read_label, write_pairs
+from simprop.data.io import (
+    atomic_write_text,
+    install_tree,
+    read_id_list,
+    read_label,
+    write_pairs,
+)
 from simprop.data.layout import DataLayout
 from simprop.data.progress import progress_bar, resolve_workers
-from simprop.data.voc import NUM_CLASSES, class_name, fold_classes
+from simprop.voc import NUM_CLASSES, class_name, fold_classes
 
 PUBLISHED_OSLSM = {
     "val_pairs": (2286, 3425, 5883, 2086),

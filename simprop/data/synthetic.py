@@ -49,7 +49,7 @@ from simprop.data.filters import FILTERS, mask_passes
 from simprop.data.io import write_id_list
 from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR
 from simprop.data.progress import progress_bar, resolve_workers
-from simprop.data.voc import IGNORE, NUM_CLASSES, voc_palette
+from simprop.voc import IGNORE_INDEX, NUM_CLASSES, voc_palette
 
 OVERLAP_FRACTION = 0.77  # share of VOC2012 segmentation images that are also in SBD (2237 / 2913)
 SBD_VAL_FRACTION = 0.25  # SBD val / (train + val) = 2857 / 11355
@@ -102,7 +102,7 @@ SHAPES: dict[str, Shape] = {
 TEXTURES = ("flat", "stripes", "checker", "dots", "radial")
 SCENES = ("sky", "road", "grass", "indoor")
 
-# The usual scene of each class (1-based ids, VOC names in simprop.data.voc.CLASS_NAMES).
+# The usual scene of each class (1-based ids, VOC names in simprop.data.voc.VOC_CLASSES).
 CLASS_SCENE = {
     1: "sky", 3: "sky", 4: "sky",
     2: "road", 6: "road", 7: "road", 14: "road", 15: "road", 19: "road",
@@ -293,7 +293,7 @@ def with_boundary_bands(label: np.ndarray, size: int) -> np.ndarray:
     """``label`` with 255 on every pixel within ``size // 2`` of a boundary between labels."""
     edges = ndimage.maximum_filter(label, size=size) != ndimage.minimum_filter(label, size=size)
     banded = label.copy()
-    banded[edges] = IGNORE
+    banded[edges] = IGNORE_INDEX
     return banded
 
 

@@ -23,7 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from simprop.datasets import DataError, DataPaths, ImageStore, read_pairs
+from simprop.data.datasets import DataPaths, ImageStore, read_pairs
+from simprop.errors import DataError
+from simprop.model import VARIANTS as VARIANT_SPECS
+from simprop.model import build_model
+from simprop.model.ica import apply_input_channel_averaging
 from simprop.params import Params
 
 MANIFEST = "manifest.json"
@@ -67,7 +71,6 @@ def cache_dir(params: Params, root: Path) -> Path:
 
 
 def needs_gray(params: Params) -> bool:
-    from simprop.model import VARIANTS as VARIANT_SPECS
 
     return any(VARIANT_SPECS[v].ica for v in params.train.variants)
 
@@ -101,8 +104,6 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
     }
     try:
         if params.train.cache_backbone_features:
-            from simprop.model import build_model
-            from simprop.model.ica import apply_input_channel_averaging
 
             model = build_model("canet", params.model).to(device).eval()
             ids = all_image_ids(params, root)

@@ -152,7 +152,7 @@ def confusion_counts_many(preds: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 _NOT_EPISODE_LABEL = (
     "label has values other than 0, 1 and 255: it looks like a VOC class map; "
-    "convert it with simprop.metrics.episode_label(label, class_id)"
+    "convert it with simprop.engine.metrics.episode_label(label, class_id)"
 )
 
 

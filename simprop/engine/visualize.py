@@ -7,6 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
+from simprop.infra.atomic import replace_on_success
+
 FOREGROUND_COLOUR = (255, 40, 40)
 SUPPORT_COLOUR = (40, 200, 255)
 IGNORE_COLOUR = (255, 255, 255)
@@ -74,7 +76,6 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     and close it.  No "Software" metadata, so the same figure gives the same bytes."""
     import matplotlib.pyplot as plt
 
-    from simprop.atomic import replace_on_success
 
     path = Path(path)
     try:

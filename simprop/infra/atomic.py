@@ -3,13 +3,14 @@
 Every stage writes its outputs through a temporary file beside the target that is renamed into
 place (``os.replace``: atomic on one file system, and it never writes through a DVC cache hard
 link).  On any failure - an exception, Ctrl-C, or SIGTERM (which a stage's MLflow run turns into
-an exception, see :func:`simprop.tracking.stage_run`) - the temporary is removed.  Only SIGKILL
+an exception, see :func:`simprop.infra.tracking.stage_run`) - the temporary is removed.  Only SIGKILL
 can leave one behind; the next run overwrites or removes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -51,3 +52,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with replace_on_success(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> Path:
+    """Write JSON atomically so a killed stage never leaves a half-written metrics file."""
+    return write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")

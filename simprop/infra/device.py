@@ -1,4 +1,5 @@
-"""Mixed precision (``train.amp``, ``evaluate.amp``) and memory layout, one rule for every stage.
+"""The device a stage runs on (:func:`resolve_device`), mixed precision (``train.amp``,
+``evaluate.amp``) and memory layout: one rule for every stage.
 
 * CPU: bfloat16 autocast.  It is fast only where oneDNN has native bf16 kernels (AVX512-BF16
   or AMX); elsewhere bf16 convolutions are emulated and far *slower* than float32 (measured on
@@ -18,6 +19,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+from simprop.errors import DeviceUnavailable
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -56,3 +59,17 @@ def amp_warning(device: torch.device, enabled: bool) -> str | None:
             "evaluate.amp to false on this machine"
         )
     return None
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; explicit names are honoured (and checked).
+
+    ``key`` names the parameter in the error (e.g. ``train.device``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(
+            f"{key}: {name!r} was requested but CUDA is not available on this machine; set {key}: auto (or cpu)"
+        )
+    return device

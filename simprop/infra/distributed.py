@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0

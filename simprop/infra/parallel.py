@@ -30,9 +30,7 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence
 
-
-class FoldFailed(RuntimeError):
-    """One fold of a per-variant stage failed with an expected error; the message names the fold."""
+from simprop.errors import EXPECTED_ERRORS, FoldFailed, StageTerminated
 
 
 def available_cores() -> int:
@@ -65,12 +63,9 @@ def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
 
 def _call(target: str | Callable[..., Any], args: tuple) -> tuple[str, Any]:
     """Run one job in a worker; an exception comes back as text (not every error class pickles)."""
-    from simprop.stage import expected_errors
-    from simprop.tracking import StageTerminated
-
     try:
         return "ok", resolve(target)(*args)
-    except expected_errors() as exc:
+    except EXPECTED_ERRORS as exc:
         return "expected", f"{exc}"
     except (StageTerminated, KeyboardInterrupt) as exc:
         # The stage process is stopping this worker (Pool.terminate sends SIGTERM), and the job's
@@ -123,6 +118,4 @@ def run_folds(fn: str | Callable[..., Any], jobs: Sequence[tuple], workers: int,
 
 
 def _raise_terminated(signum, frame) -> None:
-    from simprop.tracking import StageTerminated
-
     raise StageTerminated(signum)

@@ -17,21 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from simprop.params import Params, ParamsError, load_params
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    from simprop.analysis.common import AnalysisError
-    from simprop.datasets import DataError
-    from simprop.model import BackboneWeightsError, CheckpointError
-    from simprop.parallel import FoldFailed
-    from simprop.tracking import TrackingError
-    from simprop.training import TrainingDiverged
-
-    return (
-        ParamsError, DataError, CheckpointError, BackboneWeightsError, TrainingDiverged, AnalysisError,
-        TrackingError, FoldFailed, FileNotFoundError,
-    )  # fmt: skip
+from simprop.errors import EXPECTED_ERRORS, ParamsError, StageTerminated
+from simprop.infra.timing import CLOCK
+from simprop.params import Params, load_params
 
 
 def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, Path], int | None],
@@ -59,7 +47,7 @@ def variant_args(description: str, argv: list[str] | None = None) -> argparse.Na
 
 def under_torchrun() -> bool:
     """Whether torchrun started this process (it sets ``WORLD_SIZE`` for every worker); here, not
-    in :mod:`simprop.distributed`, so that a stage can ask before importing torch."""
+    in :mod:`simprop.infra.distributed`, so that a stage can ask before importing torch."""
     return "WORLD_SIZE" in os.environ
 
 
@@ -74,8 +62,6 @@ def stage_jobs(params: Params, variant: str | None, fold: int | None) -> tuple[l
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:
-    from simprop.timing import CLOCK
-
     CLOCK.enter = time.time()
     status = "error"
     try:
@@ -92,11 +78,9 @@ def _run_stage(name: str, body: Callable[[Params], int | None], params_path: str
     except ParamsError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
-    from simprop.tracking import StageTerminated
-
     try:
         return body(params) or 0
-    except expected_errors() as exc:
+    except EXPECTED_ERRORS as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, StageTerminated) as exc:  # the stage's MLflow run is already KILLED

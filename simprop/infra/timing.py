@@ -7,7 +7,7 @@ line to it when it ends::
      "spans": {"imports": 2.1, "mlflow_import": 2.4, "mlflow_setup": 0.3, "mlflow_logging": 0.5}}
 
 ``process_start`` is when the kernel started the process (``/proc/self/stat``), ``enter`` when
-:func:`simprop.stage.run_stage` was called (after the interpreter, ``simprop.params`` and the
+:func:`simprop.infra.stage.run_stage` was called (after the interpreter, ``simprop.params`` and the
 stage script were loaded), ``end`` when it returned.  ``spans`` are seconds inside
 ``enter..end`` spent in the named parts; the rest of ``end - enter`` is the stage's work.
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from simprop import atomic
-from simprop.datasets import DataPaths, ImageStore, read_pairs
+from simprop.data.datasets import DataPaths, ImageStore, read_pairs
+from simprop.infra import atomic
 from simprop.model.encoder import Backbone, build_backbone
 from simprop.model.resnet import Bottleneck
 from simprop.params import Params

@@ -47,15 +47,15 @@ from typing import Any, Mapping
 
 import torch
 
+from simprop.errors import CheckpointError
+from simprop.model.encoder import build_backbone
+from simprop.model.network import build_model
 from simprop.params import ModelParams
+from simprop.voc import class_name, fold_classes
 
 FORMAT = "simprop-checkpoint"
 STATE_FORMAT = "simprop-training-state"
 FORMAT_VERSION = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, unsafe, or not the one the caller expects."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -122,7 +122,6 @@ class CheckpointIdentity:
 
 def held_out_classes(fold: int) -> list[str]:
     """``["1 aeroplane", ...]``: the fold's test classes, which its training never saw."""
-    from simprop.voc import class_name, fold_classes
 
     return [f"{c} {class_name(c)}" for c in fold_classes(fold)]
 
@@ -155,7 +154,6 @@ def expected_identity(params, variant: str, fold: int, root: str | os.PathLike =
     caller has built one already (else it is built here from ``model.backbone_weights``/``seed``).
     """
     if backbone_sha256 is None:
-        from simprop.model.encoder import build_backbone
 
         backbone_sha256 = build_backbone(params.model.backbone_weights, params.model.backbone_seed).checksum()
     return CheckpointIdentity(
@@ -319,7 +317,6 @@ def load_checkpoint(
     location); the backbone checksum is still verified.  ``meta["identity"]`` is the stored
     :class:`CheckpointIdentity` as a dict (``None`` for a checkpoint written without one).
     """
-    from simprop.model.network import build_model  # late: network imports this package
 
     path = Path(path)
     wanted = variant or expected_variant

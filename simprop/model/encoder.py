@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from simprop.errors import BackboneWeightsError
 from simprop.model.resnet import EXPANSION, LAYERS, init_weights, make_layer
 from simprop.model.shifted_gemm import ShiftedGemmConv2d
 
@@ -39,10 +41,6 @@ DOWNLOAD_TIMEOUT_S = 20.0  # socket timeout while torchvision fetches the ImageN
 
 # The modules of torchvision's ResNet-50 that the backbone keeps.
 BACKBONE_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3")
-
-
-class BackboneWeightsError(RuntimeError):
-    """``model.backbone_weights`` cannot be honoured (unreachable download, bad file)."""
 
 
 class Backbone(nn.Module):

@@ -14,7 +14,7 @@ CANet's iterative optimisation module (IOM) runs for the variants in ``model.iom
 (``canet`` and ``dpr``, the CANet-fusion variants, by default; the FBAF variants only when
 asked), as CANet trains and tests it (icoz69/CaNet ``train.py`` and ``dataset_mask_train.py``):
 in training the fusion takes a *history* input, the sample's previous prediction (or zeros),
-which the trainer keeps per training pair (:class:`simprop.training.IOMHistory`); at test time
+which the trainer keeps per training pair (:class:`simprop.train.batches.IOMHistory`); at test time
 the first pass sees zeros and ``model.iom_iterations`` more passes each see the softmax of the
 previous one.  ICA is a training-time input operation (:mod:`simprop.model.ica`); the network only
 records whether the variant uses it (``model.uses_ica``, :meth:`SimPropNet.maybe_apply_ica`).
@@ -157,7 +157,7 @@ class SimPropNet(nn.Module):
         if query_encoded is not None and support_encoded is not None:
             # already through the shared encoder conv and its ReLU: evaluation memoises them (see
             # :meth:`encode`), and so does a training with a frozen projection
-            # (simprop.training.EncodedFeatures). The projection's Dropout2d, the one part that is
+            # (simprop.engine.encoded.EncodedFeatures). The projection's Dropout2d, the one part that is
             # not a function of the image, runs here in training, on the same concatenation of
             # query and support maps as below, so it draws the same random channels.
             if out_size is None:

@@ -14,7 +14,7 @@ Why: the shared encoder conv (1536 -> ``model.channels``, paper §3.2) on the de
 9 x 9 cached feature maps was half of every training step, and oneDNN's dilated direct
 convolution is memory-bound there (an im2col copy would be 9x the input).  This form reads the
 input once per pass; with channels-last input (the feature cache stores NHWC rows,
-:mod:`simprop.features`) the input matrix is a view, no copy.  Measured with
+:mod:`simprop.engine.features`) the input matrix is a view, no copy.  Measured with
 ``python3 benchmarks/bench_train_step.py`` (forward + backward, 16 maps, 16 outputs, 2 threads):
 see README "Where the time of dvc repro goes".
 

@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from simprop import paper
-from simprop.atomic import write_text
-from simprop.metrics import mean_std
+from simprop.engine.metrics import mean_std
+from simprop.engine.visualize import save_figure
+from simprop.infra.atomic import write_text
+from simprop.layout import RunLayout
 from simprop.params import Params
-from simprop.visualize import save_figure
 from simprop.voc import class_id, split_name
 
 DASH = "—"
@@ -52,24 +53,11 @@ class StaleInputError(ValueError):
 # --------------------------------------------------------------------------- input paths
 
 
-def evaluate_metrics_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "metrics" / "evaluate" / variant / f"fold{fold}.json"
-
-
-def train_metrics_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "metrics" / "train" / variant / f"fold{fold}.json"
-
-
 def curve_paths(root: Path, variant: str, fold: int) -> tuple[Path | None, Path | None]:
-    """(loss, val) curves of a training run, ``plots/train/{loss,val}/<variant>/fold<i>.csv``
-    (one folder per curve, which DVC plots overlays), each ``None`` when absent."""
-    plots = Path(root) / "plots" / "train"
-    found = [plots / name / variant / f"fold{fold}.csv" for name in ("loss", "val")]
-    return tuple(p if p.is_file() else None for p in found)  # type: ignore[return-value]
-
-
-def qualitative_path(root: Path, variant: str, fold: int) -> Path:
-    return Path(root) / "outputs" / "evaluate" / variant / f"fold{fold}" / "qualitative.png"
+    """(loss, val) curves of a training run (:class:`~simprop.layout.RunLayout`; one folder per
+    curve, which DVC plots overlays), each ``None`` when absent."""
+    layout = RunLayout(root, variant, fold)
+    return tuple(p if p.is_file() else None for p in (layout.loss_curve, layout.val_curve))  # type: ignore[return-value]
 
 
 # --------------------------------------------------------------------------- loading
@@ -103,7 +91,7 @@ def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int]
     results = {}
     for variant in params.train.variants:
         for fold in params.train.folds:
-            ev_path = evaluate_metrics_path(root, variant, fold)
+            ev_path = RunLayout(root, variant, fold).evaluate_metrics
             ev = _read_json(
                 ev_path,
                 f"evaluate metrics of {variant} fold {fold}",
@@ -112,7 +100,7 @@ def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int]
             )
             _check_fresh(ev, ev_path, params, variant, fold)
             tr = _read_json(
-                train_metrics_path(root, variant, fold),
+                RunLayout(root, variant, fold).train_metrics,
                 f"training metrics of {variant} fold {fold}",
                 f"run the train stage: `dvc repro train` "
                 f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
@@ -718,7 +706,7 @@ def qualitative_montage(params: Params, root: Path, path: Path, max_width: int =
     panels = []
     for variant in params.train.variants:
         for fold in params.train.folds:
-            src = qualitative_path(root, variant, fold)
+            src = RunLayout(root, variant, fold).qualitative
             if src.is_file():
                 panels.append((f"{paper.method_label(variant)}, {split_name(fold)}", src))
                 break

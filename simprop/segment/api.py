@@ -2,7 +2,7 @@
 
 This is the Python API behind ``simprop segment``::
 
-    from simprop.segment import segment
+    from simprop.segment.api import segment
     results = segment(
         "models/simpropnet/fold0/best.pt",
         supports=[("cat1.jpg", "cat1_mask.png"), ("cat2.jpg", "cat2_mask.png")],
@@ -46,6 +46,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from simprop.data.datasets import normalise, resize_image, resize_label
+from simprop.infra.device import resolve_device as pipeline_device
+from simprop.model import CheckpointError, CheckpointIdentity, load_checkpoint
+from simprop.model.checkpoint import held_out_classes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 VOID = 255
@@ -168,8 +173,7 @@ def list_queries(queries: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def resolve_device(device: str = "auto"):
-    """The pipeline's device rule (:func:`simprop.evaluation.resolve_device`) with segment's errors."""
-    from simprop.evaluation import resolve_device as pipeline_device
+    """The pipeline's device rule (:func:`simprop.infra.device.resolve_device`) with segment's errors."""
 
     try:
         return pipeline_device(device)
@@ -185,7 +189,6 @@ def load_model(checkpoint: str | Path, device, variant: str | None = None, fold:
     ``variant`` / ``fold``: when given, the checkpoint must have been trained as that variant on
     that PASCAL-5i fold (its recorded identity, checked by :func:`simprop.model.load_checkpoint`).
     """
-    from simprop.model import CheckpointError, CheckpointIdentity, load_checkpoint
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -211,7 +214,6 @@ def load_model(checkpoint: str | Path, device, variant: str | None = None, fold:
 
 def describe_checkpoint(checkpoint: str | Path, variant: str, meta: dict) -> str:
     """One line saying what the checkpoint was trained without: its fold's held-out classes."""
-    from simprop.model.checkpoint import held_out_classes
 
     identity = meta.get("identity") or {}
     fold = identity.get("fold")
@@ -273,14 +275,12 @@ def check_query(path: Path) -> tuple[int, int]:
 
 def to_tensor(image: np.ndarray, size: int):
     """uint8 [H, W, 3] -> ImageNet-normalised float [3, size, size], exactly as in training."""
-    from simprop.datasets import normalise, resize_image
 
     return resize_image(normalise(image), size)
 
 
 def mask_to_tensor(mask: np.ndarray, size: int):
     """uint8 {0,1} [H, W] -> float [size, size] (nearest resize, as training resizes labels)."""
-    from simprop.datasets import resize_label
 
     return resize_label(mask, size).float()
 

@@ -113,7 +113,7 @@ class SGD:
                     f"{len(group['params'])}: it belongs to another network"
                 )
             if saved.get("nesterov") or saved.get("maximize"):
-                raise ValueError("optimizer state uses nesterov or maximize, which simprop.optim.SGD does not implement")
+                raise ValueError("optimizer state uses nesterov or maximize, which simprop.train.optim.SGD does not implement")
         state = {}
         for saved, group in zip(groups, self.param_groups):
             group.update({k: saved[k] for k in ("lr", "momentum", "dampening", "weight_decay") if k in saved})
@@ -122,3 +122,46 @@ class SGD:
                 if buf is not None:
                     state[p] = {"momentum_buffer": buf.to(device=p.device, dtype=p.dtype).clone()}
         self.state = state
+
+
+POLY_POWER = 0.9  # PFENet util/util.py poly_learning_rate (and DeepLab): lr * (1 - it / max_it) ** 0.9
+
+
+def learning_rate(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    """``train.lr_schedule``: ``constant`` (CANet's train.py) or ``poly`` (PFENet's
+    ``poly_learning_rate``: ``base_lr * (1 - step / total_steps) ** 0.9``)."""
+    if schedule == "constant":
+        return base_lr
+    return base_lr * (1.0 - min(step, total_steps) / total_steps) ** POLY_POWER
+
+
+def parameter_groups(model, projection_lr_scale: float) -> list[dict]:
+    """The optimizer's parameter groups: every trainable parameter at ``train.lr``, except the
+    encoder's projection (1536 -> ``model.channels``, ReLU) at ``train.lr * train.projection_lr_scale``
+    when that scale is not 1.
+
+    Why a separate rate: the projection reads the frozen backbone's ReLU features, which are all
+    non-negative with a large common mean (default setup: per-channel mean 0.46, std 0.58; one
+    3 x 3 receptive field has a squared norm of ~6,000), so one SGD step moves a projection
+    unit's pre-activation by ~lr x 6,000 x its error signal, the same sign at every pixel. At the
+    head's rate such steps push whole units below zero everywhere, where ReLU passes no gradient
+    to revive them: on the default setup at lr 0.05, 3 to 12 of the 16 projection channels were
+    dead (zero on every pixel of 100 cached images, ``benchmarks/dead_channels.py``) in the
+    checkpoints of the run before this parameter; ``simpropnet`` fold 0 had lost 8 of them by
+    step 50 (docs/architecture.md, "Dead projection channels"). CANet's ``train.py`` uses one
+    rate (2.5e-3 with 256 channels); the paper setup keeps that (scale 1).
+
+    Scale 0 freezes the projection at its seeded initialisation: its parameters stop requiring
+    gradients and are left out of the optimizer (so weight decay cannot shrink them either), and
+    the trainer feeds the network its cached outputs (:class:`EncodedFeatures`).
+    """
+    if projection_lr_scale == 1.0:
+        return [{"params": model.trainable_parameters()}]
+    projection = list(model.projection.parameters())
+    ids = {id(p) for p in projection}
+    head = [p for p in model.trainable_parameters() if id(p) not in ids]
+    if projection_lr_scale == 0.0:
+        for p in projection:
+            p.requires_grad_(False)
+        return [{"params": head}]
+    return [{"params": head, "lr_scale": 1.0}, {"params": projection, "lr_scale": float(projection_lr_scale)}]
