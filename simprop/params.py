@@ -302,8 +302,8 @@ class AnalysisParams:
     supervised_weights: str = "voc"  # voc (torchvision DeepLabV3 VOC-label weights) | none | path
     seed: int = 7
     # images per pass of the full networks the analyses run (ResNet-50, DeepLabV3); not
-    # evaluate.batch_size, whose default-setup value (256 episodes of tiny cached maps) would
-    # make these passes slower and ~0.5 GB larger
+    # evaluate.batch_size, whose default-setup value (256 episodes of tiny cached maps) made
+    # these passes slower and larger (docs/studies/2026-11-27-eval-batch-size.md)
     batch_size: int = 16
 
     def validate(self, key: str) -> None:

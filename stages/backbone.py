@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from simprop.infra.stage import run_stage
+from simprop.infra.stage import run_stage, stage_args
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    args = stage_args(__doc__, argv)
 
     def body(params: Params) -> int:
         from simprop.infra.timing import span
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backbone ({provenance['source']}) written to {params.backbone.path}, sha256 {provenance['sha256'][:12]}")
         return 0
 
-    return run_stage("backbone", body)
+    return run_stage("backbone", body, args.params)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,17 @@ data.source synthetic: writes the embedded generated dataset in the same layout.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from simprop.data.download import prepare_raw
 from simprop.data.layout import DataLayout
-from simprop.infra.stage import run_stage
+from simprop.infra.stage import run_stage, stage_args
 from simprop.infra.tracking import stage_run
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv)
 
     def body(params: Params) -> int:
         layout = DataLayout(params.data.root)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import sys
 
-from simprop.infra.stage import run_stage, stage_jobs, variant_args
+from simprop.infra.stage import run_stage, stage_args, stage_jobs
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = variant_args(__doc__, argv)
+    args = stage_args(__doc__, argv, jobs=True)
 
     def body(params: Params) -> int:
         variants, folds = stage_jobs(params, args.variant, args.fold)
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold)) if v is not None)
-    return run_stage(f"evaluate{scope}", body)
+    return run_stage(f"evaluate{scope}", body, args.params)
 
 
 if __name__ == "__main__":

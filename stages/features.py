@@ -8,18 +8,15 @@ the cache is disabled.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from simprop.infra.stage import run_stage
+from simprop.infra.stage import run_stage, stage_args
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv)
 
     def body(params: Params) -> int:
         from simprop.infra.timing import span

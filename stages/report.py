@@ -10,11 +10,10 @@ metrics/report.json; logs them to one MLflow run.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from simprop.infra.stage import run_stage
+from simprop.infra.stage import run_stage, stage_args
 from simprop.params import Params
 
 STAGE = "report"
@@ -45,13 +44,10 @@ def report(params: Params, root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".", help="repository root (metrics/, plots/, outputs/, reports/)")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv, root=True)
 
     def body(params: Params) -> int:
-        from simprop.report.build import StaleInputError
+        from simprop.report.results import StaleInputError
 
         try:
             return report(params, Path(args.root))

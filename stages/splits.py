@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from simprop.data.layout import DataLayout
 from simprop.data.splits import build_splits, comparison_table, published_tag, published_warning
-from simprop.infra.stage import run_stage
+from simprop.infra.stage import run_stage, stage_parser
 from simprop.infra.tracking import stage_run
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--metrics", default="metrics/splits.json")
+    parser = stage_parser(__doc__)
+    parser.add_argument("--metrics", default="metrics/splits.json", help="where the per-fold counts go")
     args = parser.parse_args(argv)
 
     def body(params: Params) -> int:

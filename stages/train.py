@@ -17,12 +17,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from simprop.infra.stage import run_stage, stage_jobs, under_torchrun, variant_args
+from simprop.infra.stage import run_stage, stage_args, stage_jobs, under_torchrun
 from simprop.params import Params
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = variant_args(__doc__, argv)
+    args = stage_args(__doc__, argv, jobs=True)
 
     def body(params: Params) -> int:
         variants, folds = stage_jobs(params, args.variant, args.fold)
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for variant in variants:
                 for fold in folds:
-                    command = torchrun_command(params.train.processes, __file__, ["--variant", variant, "--fold", str(fold)])
+                    command = torchrun_command(params.train.processes, __file__, ["--params", args.params, "--variant", variant, "--fold", str(fold)])
                     print("launching", " ".join(command), flush=True)
                     code = subprocess.call(command)
                     if code:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold)) if v is not None)
-    return run_stage(f"train{scope}", body)
+    return run_stage(f"train{scope}", body, args.params)
 
 
 if __name__ == "__main__":

@@ -43,10 +43,10 @@ def data_repo(tmp_path, tiny_synthetic) -> tuple[Path, dict[str, str]]:
     for name in DATA_STAGES:
         shutil.copy(REPO_ROOT / "stages" / f"{name}.py", repo / "stages")
     (repo / "simprop").mkdir()
-    for name in ("__init__.py", "params.py", "voc.py", "tracking.py", "stage.py", "atomic.py"):
+    for name in ("__init__.py", "params.py", "voc.py", "errors.py"):
         shutil.copy(REPO_ROOT / "simprop" / name, repo / "simprop")
-    shutil.copytree(REPO_ROOT / "simprop" / "data", repo / "simprop" / "data",
-                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for layer in ("data", "infra"):  # the data stages need the data and infra layers only (tests/test_layers.py)
+        shutil.copytree(REPO_ROOT / "simprop" / layer, repo / "simprop" / layer, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / ".gitignore").write_text("/data/\n__pycache__/\n")
     env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}  # fmt: skip
@@ -54,6 +54,7 @@ def data_repo(tmp_path, tiny_synthetic) -> tuple[Path, dict[str, str]]:
     for cmd in (["git", "init", "-q"], [*dvc, "init", "-q"]):
         assert run(cmd, repo, env).returncode == 0
     shutil.copy(REPO_ROOT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy(REPO_ROOT / ".dvcignore", repo / ".dvcignore")
     assert run(["git", "add", "-A"], repo, env).returncode == 0
     assert run(["git", "commit", "-qm", "data stages"], repo, env).returncode == 0
     return repo, env

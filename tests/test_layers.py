@@ -167,3 +167,21 @@ def test_the_checks_see_a_cycle_and_a_layer_violation():
     assert cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]}) == [["a", "b", "c"]]
     assert cycles({"a": ["b"], "b": []}) == []
     assert LAYERS[part("simprop.infra.stage")] < LAYERS[part("simprop.train.trainer")]
+
+
+def test_every_stage_script_parses_its_command_line_one_way():
+    """Each stages/*.py takes its options from simprop.infra.stage (``--params``, and ``--root`` or
+    ``--variant``/``--fold`` where it has them), never from an argparse parser of its own."""
+    stages = sorted((PACKAGE.parent / "stages").glob("*.py"))
+    assert len(stages) >= 12
+    shared = {"stage_args", "stage_parser", "run_analysis_stage"}
+    for script in stages:
+        tree = ast.parse(script.read_text())
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "simprop.infra.stage"
+            for alias in node.names
+        }
+        own_argparse = any(isinstance(n, ast.Import) and any(a.name == "argparse" for a in n.names) for n in ast.walk(tree))
+        assert imported & shared and not own_argparse, script.name

@@ -90,6 +90,7 @@ def make_repo(path: Path) -> Path:
     run(["git", "init", "-q"], path)
     run([*DVC, "init", "-q"], path)
     shutil.copy(REPO_ROOT / ".dvc" / "config", path / ".dvc" / "config")
+    shutil.copy(REPO_ROOT / ".dvcignore", path / ".dvcignore")  # __pycache__ is not part of a code dep
     # the tiny params are written by hand here, not composed from conf/: keep DVC from recomposing
     run([*DVC, "config", "hydra.enabled", "False"], path)
     run(["git", "add", "-A"], path)

@@ -20,12 +20,11 @@ from mlflow_server import copy_store, mlflow_db_template  # noqa: E402,F401  (fi
 from simprop import paper  # noqa: E402
 from simprop.layout import RunLayout  # noqa: E402
 from simprop.params import Params, dump_yaml  # noqa: E402
-from simprop.report.build import (  # noqa: E402
-    CSV_COLUMNS,
-    MissingInputError,
-    StaleInputError,
-    build_report,
-)
+from simprop.report.build import build_report  # noqa: E402
+from simprop.report.figures import class_iou_by_variant  # noqa: E402
+from simprop.report.markdown import analysis_sections  # noqa: E402
+from simprop.report.results import MissingInputError, StaleInputError, load_results  # noqa: E402
+from simprop.report.tables import CSV_COLUMNS  # noqa: E402
 from simprop.voc import class_name, fold_classes  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -192,8 +191,6 @@ def test_figures_and_summary(built):
 
 
 def test_per_class_iou_keeps_class_names(built):
-    from simprop.report.build import class_iou_by_variant, load_results
-
     _, params, _ = built
     root = built[0]
     data = class_iou_by_variant(params, load_results(params, root))
@@ -258,7 +255,7 @@ def _load_stage():
     return module
 
 
-def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_template):
+def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_template):  # noqa: F811  (fixture)
     import mlflow
 
     copy_store(mlflow_db_template, tmp_path)  # the default store <root>/mlflow.db, pre-migrated
@@ -289,8 +286,6 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
 
 
 def test_analysis_outputs_join_the_report(tmp_path):
-    from simprop.report.build import analysis_sections
-
     analysis = tmp_path / "reports" / "analysis"
     analysis.mkdir(parents=True)
     (analysis / "error_similarity.md").write_text("# Error similarity\n\nratio 0.81 +- 0.20 (paper 0.87 +- 0.25)\n")

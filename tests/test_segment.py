@@ -18,7 +18,8 @@ from simprop.cli import main
 from simprop.model.checkpoint import save_checkpoint
 from simprop.model.network import build_model
 from simprop.params import ModelParams
-from simprop.segment.api import SegmentError, read_mask, segment
+from simprop.segment.inputs import SegmentError, read_mask
+from simprop.segment.api import segment
 
 IMAGE_SIZE = 65
 

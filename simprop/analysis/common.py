@@ -19,8 +19,8 @@ def feature_cache_for(params, root: Path, backbone):
     ``evaluate.image_size`` (the size the analyses read images at), else ``None``.
 
     The analyses then read the cached layer2 + layer3 features instead of running ResNet-50 on
-    their images again (the default setup: 11 of the two stages' 22 s); the cache stores them in
-    float16, as every train and evaluate stage reads them."""
+    their images again (what that saves: docs/performance.md, "Measurements behind code choices");
+    the cache stores them in float16, as every train and evaluate stage reads them."""
 
     return open_feature_cache(params, root, params.evaluate.image_size, backbone.checksum())
 

@@ -43,6 +43,7 @@ from simprop.analysis.common import (
 )
 from simprop.analysis.error_similarity import checkpoint_path
 from simprop.data.datasets import DataPaths, ImageStore, normalise, read_episodes, resize_label, support_mask
+from simprop.engine.inference import foreground_margins, upsample_margins
 from simprop.engine.metrics import EpisodeMetrics, episode_label
 from simprop.infra.atomic import write_json
 from simprop.voc import IGNORE_INDEX, class_name
@@ -194,7 +195,6 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
     ``model``: a few-shot model replacing the fold's best.pt.
     """
     import torch
-    import torch.nn.functional as F
 
 
     a = params.analysis
@@ -227,12 +227,13 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
             [support_mask(resize_label(store.label(e.supports[0]), size), e.cls) for e in chunk]
         ).to(torch_device)
         with torch.inference_mode():
-            logits = model(query_img=query, support_imgs=support.unsqueeze(1), support_masks=masks.unsqueeze(1),
-                           out_size=(size, size))["query"]  # fmt: skip
+            query_encoded = model.encode(model.backbone_features(query))
+            support_encoded = model.encode(model.backbone_features(support))
+            margins = foreground_margins(model, query_encoded, support_encoded.unsqueeze(1), masks.unsqueeze(1), size,
+                                         torch_device)  # fmt: skip
         for k, e in enumerate(chunk):
             label = store.label(e.query)
-            full = F.interpolate(logits[k : k + 1].float(), size=label.shape, mode="bilinear", align_corners=True)
-            fss_pred = full.argmax(1)[0].cpu().numpy().astype(bool)
+            fss_pred = (upsample_margins(margins[k : k + 1], label.shape)[0, 0] > 0).cpu().numpy()
             if e.query not in sup_cache:
                 sup_cache[e.query] = np.asarray(supervised(store.raw_image(e.query)), dtype=np.uint8)
             sup_pred = sup_cache[e.query] == e.cls

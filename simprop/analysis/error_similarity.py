@@ -41,6 +41,7 @@ from simprop.analysis.common import (
     write_text,
 )
 from simprop.data.datasets import DataPaths, ImageStore, binary_target, read_pairs, resize_label
+from simprop.engine.inference import foreground_margins
 from simprop.infra.atomic import write_json
 from simprop.layout import RunLayout
 from simprop.model.prototypes import masked_average_pool, region_is_empty
@@ -115,13 +116,9 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
                 feats = cache.get(ids).to(torch_device)
             else:
                 feats = model.backbone_features(torch.stack([store.image(i) for i in ids]).to(torch_device))
-            logits = model(
-                query_feats=feats,
-                support_feats=feats[swap].unsqueeze(1),
-                support_masks=gt[swap].unsqueeze(1),
-                out_size=(size, size),
-            )["query"]
-            pred = logits.argmax(1)
+            encoded = model.encode(feats)  # each image once: B's support is A's query and vice versa
+            margins = foreground_margins(model, encoded, encoded[swap].unsqueeze(1), gt[swap].unsqueeze(1), size, torch_device)
+            pred = (margins[:, 0] > 0).long()  # the argmax over (background, foreground)
             errors = error_region(pred, targets).float()
             feats = feats.float()
             ze, _ = masked_average_pool(feats, errors)

@@ -12,9 +12,9 @@ class EncodedFeatures:
     """The frozen encoder conv and ReLU of every image of the feature cache, computed once.
 
     With ``train.projection_lr_scale = 0`` the projection is a fixed function of the image, so a
-    training need not run its 1536-channel convolution, forward and backward, on every batch:
-    on the default setup its two matrix products are ~40 % of a step (``torch.profiler``, one
-    thread), and a step is 2.2-2.4x faster without them (``benchmarks/bench_eval_batch.py``).
+    training need not run its 1536-channel convolution, forward and backward, on every batch,
+    a large share of a default step (docs/studies/2026-11-27-eval-batch-size.md;
+    docs/performance.md, "Measurements behind code choices").
     The network gets these maps as ``query_encoded`` / ``support_encoded`` and applies the
     projection's dropout itself (:meth:`simprop.model.network.SimPropNet.forward`); the result
     is the training of the uncached path up to float summation order

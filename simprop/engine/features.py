@@ -54,7 +54,7 @@ class FeatureCache:
         if table is None:
             raise DataError("the feature cache has no channel-averaged (ICA) features; rerun dvc repro features")
         rows = cache_rows(self.index, image_ids)
-        # torch's fp16 -> fp32 conversion is exact and ~8x faster than numpy's astype here
+        # torch's fp16 -> fp32 conversion is exact and faster than numpy's astype here (docs/performance.md)
         return torch.from_numpy(np.stack([table[r] for r in rows])).float().permute(0, 3, 1, 2)
 
 

@@ -34,6 +34,31 @@ from simprop.engine.metrics import EpisodeMetrics, confusion_counts_many, scorin
 from simprop.infra.device import autocast
 
 
+
+def foreground_margins(model, query_encoded: torch.Tensor, support_encoded: torch.Tensor, support_masks: torch.Tensor,
+                       size: int, device: torch.device, amp: bool = False) -> torch.Tensor:  # fmt: skip
+    """The network's foreground-minus-background logit margins [B, 1, size, size] (float32).
+
+    ``query_encoded`` [B, C, h, w] and ``support_encoded`` [B, K, C, h, w] are the encoder's
+    outputs (:meth:`simprop.model.network.SimPropNet.encode`), ``support_masks`` [B, K, S, S].
+    A pixel is foreground where its margin is > 0: the argmax over (background, foreground),
+    ties to background, as ``torch.argmax`` breaks them.  The model runs as it is (callers put
+    it in eval mode), under autocast when ``amp`` (:func:`simprop.infra.device.autocast`).
+    """
+    with autocast(device, amp):
+        logits = model(query_encoded=query_encoded, support_encoded=support_encoded, support_masks=support_masks,
+                       out_size=(size, size))["query"]  # fmt: skip
+    return (logits[:, 1:2] - logits[:, 0:1]).float()
+
+
+def upsample_margins(margins: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Margins [B, 1, h, w] at ``size`` (height, width): bilinear with ``align_corners=True``, the
+    rule the network upsamples its own logits with (:mod:`simprop.model.losses`).  Bilinear
+    upsampling is linear, so upsampling the one-channel margin decides like upsampling both
+    logits, up to float rounding, at half the work."""
+    return F.interpolate(margins, size=tuple(size), mode="bilinear", align_corners=True)
+
+
 @dataclass
 class Prediction:
     episode: Episode
@@ -92,11 +117,7 @@ class EpisodeRunner:
         self.model.eval()
         size = self.store.image_size
         for batch, query, supports, masks in episode_batches(episodes, self.batch_size, self.features, self.store, self.device, desc):
-            with autocast(self.device, self.amp):
-                logits = self.model(query_encoded=query, support_encoded=supports, support_masks=masks, out_size=(size, size))["query"]
-            # argmax over (background, foreground) == (fg - bg) > 0, and bilinear upsampling is
-            # linear: upsample the one-channel margin instead of both logits (half the work).
-            margins = (logits[:, 1:2] - logits[:, 0:1]).float()
+            margins = foreground_margins(self.model, query, supports, masks, size, self.device, self.amp)
             yield from score_margins(self.store, batch, margins, resolution=self.resolution, void=self.void)
 
     def evaluate(self, episodes: list[Episode], desc: str = "episodes") -> EpisodeMetrics:
@@ -149,7 +170,7 @@ def score_margins(
         by_size.setdefault(label.shape, []).append(n)
     out: list[Prediction | None] = [None] * len(batch)
     for size, rows in by_size.items():
-        full = F.interpolate(margins[rows], size=size, mode="bilinear", align_corners=True)
+        full = upsample_margins(margins[rows], size)
         preds = (full[:, 0] > 0).cpu().numpy()
         counts = confusion_counts_many(preds, np.stack([labels[n] for n in rows]))  # one pass per size
         for n, pred, count in zip(rows, preds, counts):

@@ -2,9 +2,9 @@
 ``evaluate.amp``) and memory layout: one rule for every stage.
 
 * CPU: bfloat16 autocast.  It is fast only where oneDNN has native bf16 kernels (AVX512-BF16
-  or AMX); elsewhere bf16 convolutions are emulated and far *slower* than float32 (measured on
-  an AMD EPYC with AVX2 only: a 512-channel 3x3 convolution at 41x41, batch 8, took 109 s in
-  bf16 against 0.53 s in float32), so :func:`amp_warning` says so when AMP is asked for there.
+  or AMX); elsewhere bf16 convolutions are emulated and far *slower* than float32
+  (docs/studies/2026-11-26-bf16-autocast-cpu.md), so :func:`amp_warning` says so when AMP is
+  asked for there.
 * CUDA: bfloat16 autocast where the GPU supports it (Ampere and later), no gradient scaling
   needed; float16 autocast with a :class:`torch.amp.GradScaler` on older GPUs.
 

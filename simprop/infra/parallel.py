@@ -2,8 +2,8 @@
 
 Why: a default training step is ~100 small operators at 16-32 channels, each bound by per-call
 overhead, not arithmetic, so a second thread helps one training little while two trainings of one
-thread each keep most of their speed side by side: 1.33-1.78x the steps per second of one
-two-thread training on 2 cores (``benchmarks/bench_parallel_folds.py``, table in the README).
+thread each keep most of their speed side by side (docs/studies/2026-11-27-parallel-folds.md;
+docs/performance.md, "Folds side by side").
 ``dvc repro`` runs stages one after another, so the parallelism has to live inside a stage:
 ``train`` and ``evaluate`` hand their folds to :func:`run_folds`,
 ``train.parallel_folds`` / ``evaluate.parallel_folds`` at a time; a fold's job runs the variants in turn.

@@ -22,27 +22,36 @@ from simprop.infra.timing import CLOCK
 from simprop.params import Params, load_params
 
 
+def stage_parser(doc: str, *, jobs: bool = False, root: bool = False) -> argparse.ArgumentParser:
+    """The command line every stage script shares: ``--params`` (default ``params.yaml``); with
+    ``root``, ``--root`` (the repository root its inputs and outputs live under); with ``jobs``,
+    ``--variant`` and ``--fold`` (both optional: one (variant, fold) of the ``train`` /
+    ``evaluate`` matrix).  A stage that needs one more option adds it to the parser."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    if root:
+        parser.add_argument("--root", default=".", help="repository root (data/, models/, metrics/, reports/)")
+    if jobs:
+        parser.add_argument("--variant", help="only this variant (default: every variant of train.variants)")
+        parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
+    return parser
+
+
+def stage_args(doc: str, argv: list[str] | None = None, *, jobs: bool = False, root: bool = False) -> argparse.Namespace:
+    """:func:`stage_parser`'s options parsed from ``argv`` (default: the command line)."""
+    return stage_parser(doc, jobs=jobs, root=root).parse_args(argv)
+
+
 def run_analysis_stage(name: str, description: str, analyse: Callable[[Params, Path], int | None],
                        argv: list[str] | None = None) -> int:
-    """Entry point of an analysis stage: ``--params`` and ``--root`` options, then :func:`run_stage`.
+    """Entry point of an analysis stage: :func:`stage_args` with ``--root``, then :func:`run_stage`.
 
     ``analyse(params, root)`` runs inside the stage's MLflow run; an expected failure
-    (e.g. :class:`~simprop.analysis.common.AnalysisError`) has already marked that run FAILED
+    (e.g. :class:`~simprop.errors.AnalysisError`) has already marked that run FAILED
     when it reaches here, and becomes one clear line and exit status 2.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--root", default=".", help="repository root (data/, models/, metrics/, reports/)")
-    args = parser.parse_args(argv)
+    args = stage_args(description, argv, root=True)
     return run_stage(name, lambda params: analyse(params, Path(args.root)), args.params)
-
-
-def variant_args(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """``--variant`` and ``--fold`` (both optional) of the ``train`` / ``evaluate`` stage scripts."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", help="only this variant (default: every variant of train.variants)")
-    parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
-    return parser.parse_args(argv)
 
 
 def under_torchrun() -> bool:

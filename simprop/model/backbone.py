@@ -15,10 +15,10 @@
   BatchNorm weight of every bottleneck (the residual branch), as zero- or
   small-init residual schemes do: with full-size random branches, thirteen
   stacked random blocks wash the input out (on the generated data a
-  support-prototype cosine classifier on layer2 ⊕ layer3 scores 30-32% 1-shot
-  mIoU on folds 0-1, no better than the all-foreground predictor's 29-32%); with
-  0.1 the identity paths carry the information through and the same classifier
-  scores 60-61% (400 episodes of the first test set per fold).
+  support-prototype cosine classifier on layer2 ⊕ layer3 does no better than the
+  all-foreground predictor); with 0.1 the identity paths carry the information
+  through (the probe's numbers: docs/performance.md, "Measurements behind code
+  choices").
 * a path: a torchvision ResNet-50 state dict, validated and copied.
 
 The result is a plain torchvision-style state dict of ``conv1 .. layer3`` at

@@ -22,13 +22,11 @@ class DilatedConv2d(nn.Conv2d):
     are dropped: the convolution runs with the kernel's middle row (and/or column) and no padding
     in that direction, which is the same function and the same weight gradient (zero on the
     dropped taps, as before) up to float summation order.  On the default setup's 9 x 9 feature
-    maps this turns ASPP's dilation-12 and -18 branches into 1x1 convolutions: on the FBAF
-    variants' input (16 maps of 32 channels) 2.57 + 2.41 ms -> 1.11 + 0.96 ms forward + backward
-    per step on one thread (``benchmarks/bench_train_step.py``, part 3).  Only on the CPU: on a
-    GPU these convolutions are bound by kernel launches, and the sliced kernel's copy and its
-    gradient's scatter are extra launches (H200, 16 x 32 x 9 x 9, dilation 12 / 18: conv2d 0.32 /
-    0.33 ms, the sliced form 0.52 / 0.70 ms forward + backward; ``benchmarks/gpu/dilated_check.py``,
-    ``benchmarks/results/h200_dilated_check_before_cpu_only.json``), so there it calls ``conv2d``.
+    maps this turns ASPP's dilation-12 and -18 branches into 1x1 convolutions, faster on the CPU
+    (``benchmarks/bench_train_step.py``: docs/performance.md, "The default training step").  Only
+    on the CPU: on a GPU these convolutions are bound by kernel launches, and the sliced kernel's
+    copy and its gradient's scatter are extra launches, slower on an H200
+    (docs/studies/2026-11-27-dilated-conv-gpu.md), so there it calls ``conv2d``.
     At the paper's 41 x 41 no tap is dropped anyway.  Same parameters and state-dict keys as
     ``nn.Conv2d``; ``tests/test_model_fusion.py`` checks values and gradients.
     """

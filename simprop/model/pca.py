@@ -38,12 +38,9 @@ def pca_projection_init(projection, mean: torch.Tensor, covariance: torch.Tensor
     every unit starts as a 1x1 view of its pixel.  Deterministic: the covariance's exact
     eigenvectors (``torch.linalg.eigh``, float64), each signed so its largest entry is positive.
 
-    Why: the default setup's random 16-channel view of the 1536 backbone channels throws away
-    most of what the parameter-free prototype matcher reads, and at the projection's small rate
-    (``train.projection_lr_scale``) training moves it little.  The matcher on the validation
-    episodes (``python3 benchmarks/projection_views.py``, mean of the four folds) scores 33.1
-    through the seeded random view, 52.0 through this one and 56.9 on all 1536 channels; through
-    the projections the networks had learned from the random view at scale 0.01, 43.7-48.5.
+    Why: a random 16-channel view of the 1536 backbone channels throws away most of what the
+    parameter-free prototype matcher reads, and training at the projection's small rate recovers
+    little of it; this view keeps most of it (docs/studies/2026-11-27-pca-projection-init.md).
     The principal components come from the fold's training images only, without their labels.
     Neither the paper nor CANet starts the projection from the data (CANet's
     ``one_shot_network.py`` draws every conv weight of its ``layer5`` and heads from N(0, 0.01);

@@ -2,8 +2,8 @@
 
 The frozen encoder needs only the stem and three stages of ResNet-50 (He et al., 2016).
 They are defined here instead of being cut out of ``torchvision.models.resnet50`` so that a
-stage process does not pay torchvision's import (about 1.2 s of every one of the ~45 stage
-processes of a ``dvc repro``).  The parameter and buffer names are torchvision's
+stage process does not pay torchvision's import (measured: docs/performance.md, "Measurements
+behind code choices").  The parameter and buffer names are torchvision's
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so torchvision
 ImageNet state dicts load as they are (``tests/test_model_checkpoint.py`` checks that every
 key and shape matches torchvision's).

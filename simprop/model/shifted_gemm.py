@@ -11,12 +11,11 @@ shifted by their offset (the "kn2row" form of a convolution).  The weight gradie
 one product of the shifted output gradients with the same input matrix.
 
 Why: the shared encoder conv (1536 -> ``model.channels``, paper §3.2) on the default setup's
-9 x 9 cached feature maps was half of every training step, and oneDNN's dilated direct
-convolution is memory-bound there (an im2col copy would be 9x the input).  This form reads the
-input once per pass; with channels-last input (the feature cache stores NHWC rows,
+9 x 9 cached feature maps was a large share of every training step, and oneDNN's dilated
+direct convolution is memory-bound there (an im2col copy would be 9x the input).  This form reads
+the input once per pass; with channels-last input (the feature cache stores NHWC rows,
 :mod:`simprop.engine.features`) the input matrix is a view, no copy.  Measured with
-``python3 benchmarks/bench_train_step.py`` (forward + backward, 16 maps, 16 outputs, 2 threads):
-see README "Where the time of dvc repro goes".
+``python3 benchmarks/bench_train_step.py``: docs/performance.md, "The default training step".
 
 It is the same function as ``torch.nn.functional.conv2d`` up to float summation order
 (``tests/test_shifted_gemm.py``: fp32 values and gradients against ``conv2d``, and

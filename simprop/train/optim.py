@@ -1,10 +1,9 @@
 """SGD with momentum and weight decay: the update ``torch.optim.SGD`` makes, without its import cost.
 
 Why not ``torch.optim.SGD`` itself: every ``torch.optim`` optimizer wraps its methods in
-``torch._disable_dynamo``, so constructing one imports ``torch._dynamo`` -- about 2 s of every
-train stage process on a 2-core CPU (``python3 -c "import torch, time; t = time.time();
-import torch._dynamo; print(time.time() - t)"``), i.e. ~40 s of a default ``dvc repro``
-spent before the first step of twenty trainings that never compile anything.
+``torch._disable_dynamo``, so constructing one imports ``torch._dynamo``, a start-up cost of every
+training process that never compiles anything (measured: docs/performance.md, "Measurements
+behind code choices").
 
 The update is the one of ``torch/optim/sgd.py`` ``_single_tensor_sgd`` (the path torch takes
 for CPU tensors; CANet's ``train.py`` and PFENet's ``train.py`` train with ``torch.optim.SGD``),
@@ -140,16 +139,13 @@ def parameter_groups(model, projection_lr_scale: float) -> list[dict]:
     encoder's projection (1536 -> ``model.channels``, ReLU) at ``train.lr * train.projection_lr_scale``
     when that scale is not 1.
 
-    Why a separate rate: the projection reads the frozen backbone's ReLU features, which are all
-    non-negative with a large common mean (default setup: per-channel mean 0.46, std 0.58; one
-    3 x 3 receptive field has a squared norm of ~6,000), so one SGD step moves a projection
-    unit's pre-activation by ~lr x 6,000 x its error signal, the same sign at every pixel. At the
-    head's rate such steps push whole units below zero everywhere, where ReLU passes no gradient
-    to revive them: on the default setup at lr 0.05, 3 to 12 of the 16 projection channels were
-    dead (zero on every pixel of 100 cached images, ``benchmarks/dead_channels.py``) in the
-    checkpoints of the run before this parameter; ``simpropnet`` fold 0 had lost 8 of them by
-    step 50 (docs/architecture.md, "Dead projection channels"). CANet's ``train.py`` uses one
-    rate (2.5e-3 with 256 channels); the paper setup keeps that (scale 1).
+    Why a separate rate: the projection reads the frozen backbone's ReLU features, non-negative
+    with a large common mean, so at the head's rate one SGD step moves a unit's pre-activation the
+    same way at every pixel and can push whole units below zero everywhere, where ReLU passes no
+    gradient to revive them; at the default setup's lr 0.05 projection channels died
+    (docs/studies/2026-11-27-projection-lr-scale.md; docs/architecture.md, "Dead projection
+    channels"). CANet's ``train.py`` uses one rate (2.5e-3 with 256 channels); the paper setup
+    keeps that (scale 1).
 
     Scale 0 freezes the projection at its seeded initialisation: its parameters stop requiring
     gradients and are left out of the optimizer (so weight decay cannot shrink them either), and

@@ -14,13 +14,14 @@ class FoldShared:
 
     The ``train`` stage hands each worker a fold and trains every variant on it in turn
     (:func:`train_fold_variants`); the variants share the PCA initialisation of the projection,
-    which reads the same training features whatever the variant (3.7 s of one thread, paid by
-    each of the default setup's 20 trainings before), and, when the projection is frozen, its
-    outputs (:class:`EncodedFeatures`).  A value is reused only when everything it was computed
-    from matches: the PCA's key names the fold, seed, feature source and unit count; the encoded
-    features are kept with the projection weights and the feature-cache index they were computed
-    from, compared exactly (``torch.equal``) before reuse.  Computed once or five times, the
-    values are the same, so the trainings are too.  A training on its own uses a fresh one.
+    which reads the same training features whatever the variant (paid by each of the default
+    setup's 20 trainings before; its cost: docs/performance.md, "Measurements behind code
+    choices"), and, when the projection is frozen, its outputs (:class:`EncodedFeatures`).  A
+    value is reused only when everything it was computed from matches: the PCA's key names the
+    fold, seed, feature source and unit count; the encoded features are kept with the projection
+    weights and the feature-cache index they were computed from, compared exactly
+    (``torch.equal``) before reuse.  Computed once or five times, the values are the same, so the
+    trainings are too.  A training on its own uses a fresh one.
     """
 
     def __init__(self, gray: bool = False) -> None:

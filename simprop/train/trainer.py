@@ -106,7 +106,7 @@ class Trainer:
         self.cache = self._open_cache(backbone_sha256)
         shared = shared or FoldShared()
         self._init_projection(shared)
-        # 3. the optimizer (torch.optim.SGD's update without its 2 s import of torch._dynamo)
+        # 3. the optimizer (torch.optim.SGD's update without its import of torch._dynamo: train/optim.py)
         self.optimizer = SGD(parameter_groups(self.model, tp.projection_lr_scale), lr=tp.lr, momentum=tp.momentum,
                              weight_decay=tp.weight_decay)  # fmt: skip
         # 4. a frozen projection on cached features: its outputs once, not its convolution every step
