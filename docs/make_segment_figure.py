@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simprop.segment import segment
-from simprop.visualize import SUPPORT_COLOUR, overlay
+from simprop.engine.visualize import SUPPORT_COLOUR, overlay
+from simprop.segment.api import segment
 
 IMAGES = Path("data/raw/VOCdevkit/VOC2012/JPEGImages")
 LABELS = Path("data/SegmentationClassAug")

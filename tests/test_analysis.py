@@ -249,7 +249,7 @@ def test_error_overlap_against_a_perfect_supervised_model(repo):
     """A 'supervised model' that returns the ground truth makes no errors: overlaps are 0, the
     TP gap is 100 - the few-shot mIoU."""
     from simprop.data.io import read_label
-    from simprop.segment.api import read_image
+    from simprop.segment.inputs import read_image
 
     labels = repo / "data" / "SegmentationClassAug"
     images = repo / "data" / "raw" / "VOCdevkit" / "VOC2012" / "JPEGImages"

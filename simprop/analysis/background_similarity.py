@@ -31,7 +31,6 @@ from simprop.analysis.common import (
     images_by_class,
     markdown_table,
     mean_std,
-    pick_device,
     sample_pairs,
     write_csv,
     write_text,
@@ -39,6 +38,7 @@ from simprop.analysis.common import (
 from simprop.data.datasets import DataPaths, ImageStore, read_pairs, resize_label
 from simprop.engine.visualize import save_figure
 from simprop.infra.atomic import write_json
+from simprop.infra.device import resolve_device
 from simprop.model.encoder import build_backbone
 from simprop.model.prototypes import masked_average_pool, region_is_empty
 from simprop.voc import IGNORE_INDEX, class_name
@@ -123,7 +123,7 @@ def run_background_similarity(params, root: Path = Path("."), device: str | None
         wanted.setdefault(img_a, set()).add(cls)
         wanted.setdefault(img_b, set()).add(cls)
 
-    torch_device = pick_device(device or params.evaluate.device)
+    torch_device = resolve_device(device or params.evaluate.device, "evaluate.device")
     backbone = build_backbone(params.model.backbone_weights, params.model.backbone_seed).to(torch_device).eval()
     store = ImageStore(DataPaths(root / params.data.root), params.evaluate.image_size, memoise=False)
     cache = feature_cache_for(params, root, backbone)

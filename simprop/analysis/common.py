@@ -25,14 +25,6 @@ def feature_cache_for(params, root: Path, backbone):
     return open_feature_cache(params, root, params.evaluate.image_size, backbone.checksum())
 
 
-def pick_device(device: str = "auto"):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def images_by_class(pairs: Iterable[tuple[str, int]]) -> dict[int, list[str]]:
     """``(image, class)`` pairs -> sorted, de-duplicated image ids per class id."""
     out: dict[int, set[str]] = {}

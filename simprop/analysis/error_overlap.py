@@ -37,7 +37,6 @@ from simprop.analysis.common import (
     expected_checkpoint,
     load_trained_model,
     markdown_table,
-    pick_device,
     write_csv,
     write_text,
 )
@@ -46,6 +45,7 @@ from simprop.data.datasets import DataPaths, ImageStore, normalise, read_episode
 from simprop.engine.inference import foreground_margins, upsample_margins
 from simprop.engine.metrics import EpisodeMetrics, episode_label
 from simprop.infra.atomic import write_json
+from simprop.infra.device import resolve_device
 from simprop.voc import IGNORE_INDEX, class_name
 
 PAPER_CANET = {"fn_overlap": 18.32, "fp_overlap": 9.11, "tp_gap": 23.28}
@@ -198,7 +198,7 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
 
 
     a = params.analysis
-    torch_device = pick_device(device or params.evaluate.device)
+    torch_device = resolve_device(device or params.evaluate.device, "evaluate.device")
     if supervised is None:
         try:
             supervised = load_supervised(a.supervised_weights, torch_device)

@@ -35,7 +35,6 @@ from simprop.analysis.common import (
     load_trained_model,
     markdown_table,
     mean_std,
-    pick_device,
     sample_pairs,
     write_csv,
     write_text,
@@ -43,6 +42,7 @@ from simprop.analysis.common import (
 from simprop.data.datasets import DataPaths, ImageStore, binary_target, read_pairs, resize_label
 from simprop.engine.inference import foreground_margins
 from simprop.infra.atomic import write_json
+from simprop.infra.device import resolve_device
 from simprop.layout import RunLayout
 from simprop.model.prototypes import masked_average_pool, region_is_empty
 from simprop.voc import class_name
@@ -90,7 +90,7 @@ def run_error_similarity(params, root: Path = Path("."), device: str | None = No
     a = params.analysis
     rng = np.random.default_rng(a.seed)
     pairs = test_pairs(params, root, rng)
-    torch_device = pick_device(device or params.evaluate.device)
+    torch_device = resolve_device(device or params.evaluate.device, "evaluate.device")
     checkpoint = checkpoint_path(params, root)
     if model is None:
         model, _ = load_trained_model(checkpoint, a.variant, torch_device, expected_checkpoint(params, root))

@@ -1,23 +1,19 @@
-"""Few-shot evaluation on fixed episode files (protocol.md §5).
+"""The ``evaluate`` stage's work: one (variant, fold)'s selected checkpoint on every fixed test set
+and shot count (protocol.md §5), with the support-use controls, written as one metrics record.
 
-The network sees square ``image_size`` inputs; its logits are upsampled bilinearly to the size
-of the label it is scored against (:func:`simprop.engine.metrics.scoring_label`): the query's original
-label (``evaluate.resolution: original``, HSNet / PFENet) or the label resized (nearest) to
-321 x 321 (``321``, CANet's code, which gave the paper's baseline numbers); void pixels are
-ignored (``evaluate.void: ignore``) or background (``background``, OSLSM). The per-class
-TP/FP/FN are pooled over episodes by :class:`simprop.engine.metrics.EpisodeMetrics`, whose mIoU is over
-the fold's five classes (a class without a defined IoU counts as 0; ``classes_scored`` says how
-many had one).
-
-Each image's frozen backbone features are computed once per evaluation (or read
-from the shared feature cache), not once per episode it appears in: an image is
-a query in one episode and a support in many others.
+Predictions go through :mod:`simprop.engine.inference` (the one inference path) and are scored
+by :mod:`simprop.engine.metrics`: the network sees square ``image_size`` inputs; its margins are
+upsampled bilinearly to the size of the label they are scored against (the query's original
+label, ``evaluate.resolution: original``, HSNet / PFENet; or the label resized (nearest) to
+321 x 321, ``321``, CANet's code); void pixels are ignored (``evaluate.void: ignore``) or
+background (``background``, OSLSM).  The per-class TP/FP/FN are pooled over episodes; the mIoU
+is over the fold's five classes (a class without a defined IoU counts as 0; ``classes_scored``
+says how many had one).
 
 Every evaluation carries the controls that tell whether a model uses its support
-(:func:`evaluate_model`): the parameter-free prototype matcher on the same frozen
-features (:class:`PrototypeMatcher`), the trained model with a *mismatched* support
-(the episode file's supports of another class of the fold), the identical-input test,
-the all-foreground predictor and the untrained network.
+(:mod:`simprop.evaluate.controls`): the parameter-free prototype matcher on the same frozen
+features, the trained model with a *mismatched* support, the identical-input test, the
+all-foreground predictor and the untrained network.
 """
 
 from __future__ import annotations

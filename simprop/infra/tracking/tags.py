@@ -92,15 +92,8 @@ def _join(value: Any) -> str:
     return str(value)
 
 
-def stage_tags(
-    stage: str,
-    params: "Params",
-    *,
-    variant: str | None = None,
-    fold: int | None = None,
-    shots: Any = None,
-    extra_tags: Mapping[str, Any] | None = None,
-) -> dict[str, str]:
+def stage_tags(stage: str, params: "Params", *, variant: str | None = None, fold: int | None = None, shots: Any = None,
+               extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:  # fmt: skip
     """The tags of the tracking contract.  ``variant/fold/shots`` not given -> ``"all"``."""
     commit = git_commit()
     tags = {
