@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from simprop.errors import TrackingError
+from simprop.infra.tracking.run import sync_pending
 from simprop.params import ParamsError, load_params
 
 
@@ -69,6 +71,18 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_segment)
 
 
+def _cmd_mlflow_sync(args: argparse.Namespace) -> int:
+    code = 0
+    for path in args.files:
+        try:
+            sent = sync_pending(path)
+            print(f"{path}: sent {sent} kept log calls; the run is complete")
+        except TrackingError as exc:
+            print(f"simprop mlflow-sync: error: {exc}", file=sys.stderr)
+            code = 2
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simprop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_cmd_params)
     _add_segment(sub)
+    p = sub.add_parser(
+        "mlflow-sync",
+        help="send the log calls a stage kept while its tracking server was away, and close the run",
+        description="A stage whose tracking server stayed away until its end saves what the server did not "
+        "take in .simprop/mlflow-pending/<run>.json and names this command.",
+    )
+    p.add_argument("files", nargs="+", help=".simprop/mlflow-pending/<run>.json files")
+    p.set_defaults(func=_cmd_mlflow_sync)
     return parser
 
 

@@ -57,6 +57,11 @@ class FoldFailed(StageError, RuntimeError):
     """One fold of a per-variant stage failed with an expected error; the message names the fold."""
 
 
+class DiskFullError(StageError, OSError):
+    """The file system holding an output is full: the message names the output, the free space
+    and at least how much more the write needed; the previous version of the file is intact."""
+
+
 class StageTerminated(BaseException):
     """SIGTERM arrived while a stage run was open (raised so the run is closed as KILLED)."""
 

@@ -35,6 +35,8 @@ VARIANTS = ("canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet")
 FOLDS = (0, 1, 2, 3)
 
 REPO_PATHS = ("data.root", "backbone.path")
+# folders of the repository that git and DVC own: no output of a stage may live there
+CONTROL_DIRS = (".git", ".dvc")
 """Keys naming where a stage *writes*: relative paths inside the repository (DVC tracks only
 outputs inside it, and refuses an outside one only after the stage wrote there).  Read-only file
 inputs may live anywhere: ``model.backbone_weights``, ``backbone.source`` (a weights file) and
@@ -329,10 +331,13 @@ class AnalysisParams:
 class TrackingParams:
     experiment: str = "simprop"
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
+    # how long a stage waits for a tracking server (http/https URI) to answer before any work
+    connect_timeout_s: float = 5.0
 
     def validate(self, key: str) -> None:
         if not self.experiment:
             raise ParamsError(f"{key}.experiment: must not be empty")
+        _positive(self, key, "connect_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -501,6 +506,14 @@ def _inside_repository(value: str, key: str, source: str) -> None:
             f"only outputs inside the repository: give a relative path inside it (e.g. "
             f"{'data' if key == 'data.root' else 'backbone/resnet50.pt'}), or link a big disk "
             f"into the repository"
+        )
+    first = normal.split("/", 1)[0]
+    if first in CONTROL_DIRS or normal in (".", ""):
+        raise ParamsError(
+            f"{source}: {key} = {value!r} is "
+            + ("the repository root" if normal in (".", "") else f"inside {first}/, which git / DVC own")
+            + f"; a stage writes and deletes there: give a folder of its own (e.g. "
+            f"{'data' if key == 'data.root' else 'backbone/resnet50.pt'})"
         )
 
 

@@ -78,3 +78,29 @@ def test_dvc_repro_of_the_data_stages_leaves_status_clean(data_repo, tiny_synthe
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = json.loads(run([*dvc, "status", "--json"], repo, env).stdout)
     assert set(changed) == {"splits"}
+
+
+@pytest.mark.slow
+def test_an_in_place_edit_of_a_tracked_file_never_reaches_the_dvc_cache(data_repo):
+    """Issue 28: with hard links (cache.type "reflink,hardlink,..."), ``truncate`` as root on a
+    checked-out JPEG corrupted the cache object (root ignores the read-only bit), and ``dvc status``
+    then said the data was up to date.  With the project's cache.type (reflink or copy) the
+    workspace file is never the cache file: the cache stays intact and the edit is reported."""
+    import hashlib
+
+    repo, env = data_repo
+    dvc = [sys.executable, "-m", "dvc"]
+    repro = run([*dvc, "repro", "download"], repo, env)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+    jpeg = sorted((repo / "data" / "raw").rglob("*.jpg"))[0]
+    digest = hashlib.md5(jpeg.read_bytes()).hexdigest()
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]
+    assert cached.is_file() and jpeg.stat().st_nlink == 1 and not jpeg.is_symlink()
+    assert not os.path.samefile(jpeg, cached)
+    with open(jpeg, "r+b") as fh:  # what `truncate -s 600` does, through the file's own inode
+        fh.truncate(600)
+    assert hashlib.md5(cached.read_bytes()).hexdigest() == digest  # the cache object is intact
+    status = json.loads(run([*dvc, "status", "--json"], repo, env).stdout)
+    assert "download" in status, status  # the edit is reported, not "up to date"
+    restored = run([*dvc, "checkout", "--force", "download"], repo, env)
+    assert restored.returncode == 0 and hashlib.md5(jpeg.read_bytes()).hexdigest() == digest

@@ -241,3 +241,85 @@ def test_episode_stage_files_carry_mismatches_and_provenance(data_pipeline, copy
     build_episodes(copy, params.splits.folds, dataclasses.replace(e, class_sampling="uniform"))
     assert json.loads((copy.episodes / "provenance.json").read_text())["class_sampling"] == "uniform"
     assert read_episodes(copy.test_episode_file(0, 1)) != read_episodes(layout.test_episode_file(0, 1))
+
+
+# --------------------------------------------------------------------------- tampered files (issue 28)
+
+
+@pytest.fixture
+def episode_copy(data_pipeline, copy_tree, tmp_path):
+    """A private copy of the data tree's splits and episodes (the shared one stays untouched)."""
+    source, params, _ = data_pipeline
+    for name in ("splits", "episodes", "val_episodes"):
+        copy_tree(getattr(source, name), f"data/{name}")
+    return DataLayout(tmp_path / "data"), source, params
+
+
+def _edit_line(path, line: int, edit) -> None:
+    """Replace CSV line ``line`` (1-based, the header is line 1) by ``edit(fields)``."""
+    lines = path.read_text().splitlines()
+    fields = lines[line - 1].split(",")
+    lines[line - 1] = ",".join(edit(fields))
+    path.unlink()  # never write through a hard link into a cache
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_checked_episodes_read_the_stage_files_unchanged(episode_copy):
+    from simprop.data.episodes import read_test_episodes, read_validation_episodes
+
+    layout, _, params = episode_copy
+    fold, seed = params.splits.folds[0], params.episodes.test_seeds[0]
+    assert read_test_episodes(layout, fold, seed, 5) == read_episodes(layout.test_episode_file(fold, seed), 5)
+    assert read_validation_episodes(layout, fold, 1) == read_episodes(layout.val_episode_file(fold), 1)
+
+
+@pytest.mark.parametrize(
+    "tamper, rule",
+    [
+        ("class", r"class 6 is not one of fold 0's classes \[1, 2, 3, 4, 5\]"),
+        ("other_fold_query", r"query '.+' with class 1 is not in .*splits/fold0/test.csv"),
+        ("unknown_query", r"query 'no_such_image' with class \d is not in .*splits/fold0/test.csv"),
+        ("support_is_query", r"the supports .* repeat an image or the query"),
+        ("mismatch_class", r"mismatch_class \d is not another of fold 0's classes"),
+    ],
+)
+def test_a_tampered_episode_file_is_refused_naming_file_line_and_rule(episode_copy, tamper, rule):
+    """Issue 28: a query swapped for a fold-1 test image was scored; class 6 in fold 0 gave a
+    ValueError traceback; an unknown image named neither the file nor the line."""
+    from simprop.data.episodes import read_test_episodes
+
+    layout, _, params = episode_copy
+    seed = params.episodes.test_seeds[0]
+    path = layout.test_episode_file(0, seed)
+    other = read_pairs(layout.split_file(1, "test"))[0][0] if (layout.splits / "fold1").exists() else None
+    edits = {
+        "class": lambda f: f[:2] + ["6"] + f[3:],
+        "other_fold_query": lambda f: [f[0], other, "1", *f[3:]],
+        "unknown_query": lambda f: [f[0], "no_such_image", *f[2:]],
+        "support_is_query": lambda f: f[:3] + [f[1]] + f[4:],
+        "mismatch_class": lambda f: f[:8] + [f[2]] + f[9:],
+    }
+    if tamper == "other_fold_query" and other is None:
+        pytest.skip("the data tree has no fold 1")
+    _edit_line(path, 5, edits[tamper])
+    with pytest.raises(EpisodeError, match=rf"test_seed{seed}\.csv, line 5: {rule}.*rerun `dvc repro episodes`"):
+        read_test_episodes(layout, 0, seed, 1)
+
+
+def test_episodes_drawn_from_another_list_are_refused(episode_copy):
+    """The provenance records the sha256 of the list each file was drawn from; a changed list
+    (regenerated data, another filter) makes its old episode files unusable, by name."""
+    from simprop.data.episodes import read_test_episodes, read_validation_episodes
+
+    layout, _, params = episode_copy
+    test_list = layout.split_file(0, "test")
+    pairs = read_pairs(test_list)
+    test_list.unlink()
+    test_list.write_text(test_list.with_name("val.csv").read_text().splitlines()[0] + "\n"
+                         + "\n".join(f"{i},{c}" for i, c in pairs[:-1]) + "\n")  # fmt: skip
+    with pytest.raises(EpisodeError, match=r"test_seed\d\.csv: drawn from another .*fold0/test.csv"):
+        read_test_episodes(layout, 0, params.episodes.test_seeds[0], 1)
+    read_validation_episodes(layout, 0, 1)  # its own list is unchanged
+    (layout.val_episodes / "provenance.json").unlink()
+    with pytest.raises(EpisodeError, match=r"fold0\.csv: its tree has no provenance.json"):
+        read_validation_episodes(layout, 0, 1)

@@ -14,8 +14,8 @@ from scipy.io import loadmat
 
 from simprop.data.filters import kept_classes
 from simprop.data.io import read_id_list, read_palette_png
-from simprop.data.synthetic_images import CLASS_SCENE, SCENE_PREFERENCE, STYLES, choose_scene
 from simprop.data.synthetic import write_synthetic_tree
+from simprop.data.synthetic_images import CLASS_SCENE, SCENE_PREFERENCE, STYLES, choose_scene
 from simprop.errors import ParamsError
 from simprop.params import SyntheticParams, params_from_dict
 from simprop.voc import IGNORE_INDEX, voc_palette

@@ -329,3 +329,24 @@ def test_training_state_is_plain_and_loads_with_weights_only(tmp_path):
         load_training_state(path, CheckpointIdentity(variant="dpr", fold=2))
     torch.save({"epoch": 3, "fingerprint": "old"}, tmp_path / "old.pt")  # an older simprop's last.pt
     assert load_training_state(tmp_path / "old.pt", CheckpointIdentity(variant="dpr", fold=0)) is None
+
+
+def test_a_truncated_last_pt_is_moved_aside_loudly_not_replaced(tmp_path, capsys):
+    """Issue 28: an unreadable last.pt used to be ignored with a line on stdout and overwritten by
+    the next epoch.  Now it is renamed to last.pt.corrupt (.1, ... when taken), a warning on
+    stderr names both paths, and the training starts from scratch."""
+    from simprop.layout import RunLayout
+    from simprop.model.checkpoint import CheckpointIdentity
+    from simprop.train.checkpointing import TrainingCheckpoints
+
+    layout = RunLayout(tmp_path, "dpr", 0)
+    layout.model_dir.mkdir(parents=True)
+    checkpoints = TrainingCheckpoints(layout, CheckpointIdentity(variant="dpr", fold=0), "fingerprint", epochs=3)
+    for attempt, aside in enumerate(["last.pt.corrupt", "last.pt.corrupt.1"]):
+        layout.last.write_bytes(b"PK\x03\x04 truncated zip " + bytes([attempt]))
+        epoch, history = checkpoints.resume(model=None, optimizer=None, iom=None)
+        assert (epoch, history["best_epoch"]) == (0, -1)  # from scratch
+        assert not layout.last.exists() and (layout.model_dir / aside).read_bytes().endswith(bytes([attempt]))
+        err = capsys.readouterr().err
+        assert f"{layout.last} is corrupt or truncated" in err and str(layout.model_dir / aside) in err
+        assert "weights_only" not in err

@@ -96,14 +96,14 @@ def test_a_failing_fold_stops_workers_whose_jobs_turn_sigterm_into_an_exception(
     (tmp_path / "stagelike.py").write_text(textwrap.dedent("""
         import os, time
         from simprop.data.errors import DataError
-        from simprop.infra.tracking.run import _terminate_as_exception
+        from simprop.infra.tracking.signals import terminate_as_exception
         def fold(name, path):
             if name == "fold 0":
                 time.sleep(1.0)  # the other worker is inside its run by now
                 raise DataError("fold 0 broke on purpose")
             with open(path, "a") as fh:
                 fh.write(f"{os.getpid()}\\n")
-            with _terminate_as_exception():  # what simprop.infra.tracking.stage_run does
+            with terminate_as_exception():  # what simprop.infra.tracking.stage_run does
                 time.sleep(120)
     """))
     script = textwrap.dedent(f"""

@@ -134,10 +134,31 @@ def test_yaml_nan_and_inf_in_a_params_file_are_rejected(tmp_path):
     ],
 )
 def test_output_paths_must_stay_inside_the_repository(section, key, value):
+    with pytest.raises(ParamsError, match=rf"{section}\.{key} = .* leaves the repository"):
+        params_from_dict(committed_with(section, key, value))
+
+
+@pytest.mark.parametrize(
+    "section, key, value, phrase",
+    [
+        ("data", "root", ".git", "inside .git/"),
+        ("data", "root", ".git/data", "inside .git/"),
+        ("data", "root", "./.dvc/cache", "inside .dvc/"),
+        ("data", "root", ".", "the repository root"),
+        ("data", "root", "data/..", "the repository root"),
+        ("backbone", "path", ".dvc/resnet50.pt", "inside .dvc/"),
+    ],
+)
+def test_output_paths_must_not_be_git_or_dvc_folders(section, key, value, phrase):
+    """``data.root: .git`` once passed validation, and the download stage then wrote into .git/."""
+    with pytest.raises(ParamsError, match=rf"{section}\.{key} = .* is {phrase}.*give a folder of its own"):
+        params_from_dict(committed_with(section, key, value))
+
+
+def committed_with(section: str, key: str, value) -> dict:
     raw = committed()
     raw[section][key] = value
-    with pytest.raises(ParamsError, match=rf"{section}\.{key} = .* leaves the repository"):
-        params_from_dict(raw)
+    return raw
 
 
 def test_read_only_inputs_may_live_elsewhere():

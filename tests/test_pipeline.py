@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -570,6 +571,39 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
     assert identity, "training records the checkpoint's identity"
 
 
+@pytest.mark.parametrize(
+    "edit, rule",
+    [
+        (lambda f, other: [f[0], other, *f[2:]], "is not in"),  # a fold-1 test image as the query
+        (lambda f, other: f[:2] + ["6"] + f[3:], "class 6 is not one of fold 0's classes"),
+    ],
+    ids=["other-fold-query", "class-6"],
+)
+def test_evaluate_refuses_a_tampered_episode_file(pipeline, edit, rule):
+    """Issue 28, scenario 2: a hand-edited test episode file was scored by the evaluate stage run
+    directly (exit 0, new metrics); a class id of 6 gave a ValueError traceback."""
+    repo = pipeline
+    episodes = repo / "data" / "episodes" / "fold0" / "test_seed1.csv"
+    other = (repo / "data" / "splits" / "fold1" / "test.csv").read_text().splitlines()[1].split(",")[0]
+    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0.json"
+    before = metrics.read_bytes()
+
+    def write(path: Path) -> None:
+        lines = path.with_name(path.name + ".saved").read_text().splitlines()
+        lines[3] = ",".join(edit(lines[3].split(","), other))  # line 4 of the file
+        path.write_text("\n".join(lines) + "\n")
+
+    saved = _swap_in(episodes, write)
+    try:
+        result = run([sys.executable, "stages/evaluate.py", "--variant", "canet", "--fold", "0"], repo, check=False)
+    finally:
+        _restore(episodes, saved)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "data/episodes/fold0/test_seed1.csv, line 4: " in result.stderr and rule in result.stderr
+    assert metrics.read_bytes() == before  # nothing was scored
+
+
 class _RunsCode:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
@@ -578,16 +612,25 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _plain_pickle(path: Path, payload) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(payload, fh)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 @pytest.mark.parametrize("name, stage", [("last.pt", "train"), ("best.pt", "evaluate")])
-def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage):
+def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage, writer):
     """Issue 11, scenario 2: a pickle whose __reduce__ runs a shell command, saved as last.pt
-    (resumed by train) or best.pt (read by evaluate): nothing runs, the stage stops naming it."""
+    (resumed by train) or best.pt (read by evaluate): nothing runs, the stage stops naming it.
+    Issue 28: a plain pickle (not torch's format) is refused the same way, not "unreadable ...
+    starting from scratch", and no message passes on torch's advice to set weights_only=False."""
     import torch
 
     repo = pipeline
-    marker = repo.parent / f"code-ran-{name}"
+    marker = repo.parent / f"code-ran-{name}-{writer}"
     path = repo / "models" / "dpr" / "fold0" / name
-    saved = _swap_in(path, lambda p: torch.save({"epoch": 1, "model": _RunsCode(marker)}, p))
+    save = torch.save if writer == "torch.save" else _plain_pickle
+    saved = _swap_in(path, lambda p: save({"epoch": 1, "model": _RunsCode(marker)}, p))
     try:
         result = run([sys.executable, f"stages/{stage}.py", "--variant", "dpr", "--fold", "0"], repo, check=False)
     finally:
@@ -597,6 +640,7 @@ def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage):
     assert "Traceback" not in result.stderr
     assert f"models/dpr/fold0/{name} is not a safe checkpoint" in result.stderr
     assert "Nothing in it was run" in result.stderr
+    assert "weights_only" not in result.stderr + result.stdout and "safe_globals" not in result.stderr
 
 
 def test_sigterm_during_download_marks_the_run_killed_and_leaves_no_temporary(pipeline):

@@ -18,8 +18,8 @@ from simprop.cli import main
 from simprop.model.checkpoint import save_checkpoint
 from simprop.model.network import build_model
 from simprop.params import ModelParams
-from simprop.segment.inputs import SegmentError, read_mask
 from simprop.segment.api import segment
+from simprop.segment.inputs import SegmentError, read_mask
 
 IMAGE_SIZE = 65
 
@@ -394,3 +394,14 @@ def test_queries_are_decoded_one_batch_at_a_time(checkpoint, inputs, monkeypatch
     results = _run(checkpoint, inputs, batch_size=3)
     assert len(results) == 7
     assert "".join("d" if e == "decode" else "P" for e in events) == "dddPdddPdP"
+
+
+def test_a_full_disk_is_one_error_and_leaves_no_empty_out_folder(checkpoint, inputs, tmp_path):
+    """Issue 28: ``segment`` left an empty --out folder behind after a disk-full failure."""
+    from test_disk_full import full_tmpfs
+
+    with full_tmpfs(tmp_path / "disk", size_kb=128, leave_kb=4) as disk:
+        out = disk / "new" / "out"
+        with pytest.raises(SegmentError, match=r"--out .*out: no space left on its file system .* MB free"):
+            _run(checkpoint, inputs, out_dir=out)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # new/out/ and its staging are gone

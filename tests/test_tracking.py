@@ -424,3 +424,48 @@ def params_from_root(root: Path) -> Params:
     from simprop.params import load_params
 
     return load_params(root / "params.yaml")
+
+
+@pytest.mark.parametrize("server", ["refused", "silent"])
+def test_an_unreachable_tracking_server_stops_the_stage_in_seconds(tmp_path, clean_env, server):
+    """Issue 28: with tracking.tracking_uri http://127.0.0.1:9 a stage printed nothing for 253 s
+    (MLflow's HTTP retries), then failed.  Now it asks the server first, tracking.connect_timeout_s
+    at most (5 s by default), and stops with one line naming the URI.  "silent": a server that
+    accepts the connection and never answers."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    listener = None
+    if server == "refused":
+        with socket.socket() as probe:  # a free port, closed again: connecting is refused at once
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    else:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["tracking"]["tracking_uri"] = f"http://127.0.0.1:{port}"
+    assert params["tracking"]["connect_timeout_s"] == 5.0  # the default is what is tested
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    started = time.monotonic()
+    try:
+        result = subprocess.run([sys.executable, str(repo / "stages" / "splits.py"), "--params", "params.yaml"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        if listener is not None:
+            listener.close()
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert elapsed <= 15, f"{elapsed:.1f} s"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith(f"splits: error: tracking URI http://127.0.0.1:{port}: no MLflow server answers")
+    assert not (tmp_path / "data").exists()  # no work was done

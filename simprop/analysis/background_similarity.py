@@ -33,11 +33,10 @@ from simprop.analysis.common import (
     mean_std,
     sample_pairs,
     write_csv,
-    write_text,
 )
 from simprop.data.datasets import DataPaths, ImageStore, read_pairs, resize_label
 from simprop.engine.visualize import save_figure
-from simprop.infra.atomic import write_json
+from simprop.infra.atomic import write_json, write_text
 from simprop.infra.device import resolve_device
 from simprop.model.encoder import build_backbone
 from simprop.model.prototypes import masked_average_pool, region_is_empty

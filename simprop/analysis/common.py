@@ -90,10 +90,6 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
     return path
 
 
-def write_text(path: Path, text: str) -> Path:
-    return atomic.write_text(path, text)
-
-
 def markdown_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     def cell(v: Any) -> str:
         if v is None:

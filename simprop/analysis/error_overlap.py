@@ -38,13 +38,13 @@ from simprop.analysis.common import (
     load_trained_model,
     markdown_table,
     write_csv,
-    write_text,
 )
 from simprop.analysis.error_similarity import checkpoint_path
-from simprop.data.datasets import DataPaths, ImageStore, normalise, read_episodes, resize_label, support_mask
+from simprop.data.datasets import DataPaths, ImageStore, normalise, resize_label, support_mask
+from simprop.data.episodes import read_test_episodes
 from simprop.engine.inference import foreground_margins, upsample_margins
 from simprop.engine.metrics import EpisodeMetrics, episode_label
-from simprop.infra.atomic import write_json
+from simprop.infra.atomic import write_json, write_text
 from simprop.infra.device import resolve_device
 from simprop.voc import IGNORE_INDEX, class_name
 
@@ -209,7 +209,7 @@ def run_error_overlap(params, root: Path = Path("."), device: str | None = None,
         model, _ = load_trained_model(checkpoint, a.variant, torch_device, expected_checkpoint(params, root))
     paths = DataPaths(root / params.data.root)
     seed = params.episodes.test_seeds[0]
-    episodes = read_episodes(paths.episode_file(a.fold, f"test_seed{seed}"), shots=1)
+    episodes = read_test_episodes(paths, a.fold, seed, 1)
     if a.overlap_episodes:
         episodes = episodes[: a.overlap_episodes]
     size = params.evaluate.image_size

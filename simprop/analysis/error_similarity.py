@@ -37,11 +37,10 @@ from simprop.analysis.common import (
     mean_std,
     sample_pairs,
     write_csv,
-    write_text,
 )
 from simprop.data.datasets import DataPaths, ImageStore, binary_target, read_pairs, resize_label
 from simprop.engine.inference import foreground_margins
-from simprop.infra.atomic import write_json
+from simprop.infra.atomic import write_json, write_text
 from simprop.infra.device import resolve_device
 from simprop.layout import RunLayout
 from simprop.model.prototypes import masked_average_pool, region_is_empty

@@ -37,6 +37,7 @@ folders records the sampling rule, the streams and each file's per-class episode
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -51,6 +52,7 @@ from simprop.data.io import (
     atomic_write_text,
     episode_header,
     install_tree,
+    read_episodes,
     read_pairs,
     write_episodes,
 )
@@ -188,6 +190,7 @@ def build_episodes(layout: DataLayout, folds: Sequence[int], params) -> dict[str
                 counts = Counter(e.cls for e in episodes)
                 files[name] = {
                     "pool": f"splits/fold{fold}/{pool}.csv",
+                    "pool_sha256": file_sha256(layout.split_file(fold, pool)),  # checked by every reader
                     "seed": seed,
                     "episodes": len(episodes),
                     "episodes_per_class": {class_name(c): counts.get(c, 0) for c in classes},
@@ -216,3 +219,77 @@ MISMATCH_RULE = (
     "mismatch_class uniformly among the fold's other classes; mismatch1..K distinct images of it from "
     "the same pool, never the query, those not listed with the episode's class first"
 )
+
+
+# --------------------------------------------------------------------------- reading, checked
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_test_episodes(layout: DataLayout, fold: int, seed: int, shots: int | None = None) -> list[Episode]:
+    """The test set ``seed`` of ``fold``, checked (:func:`check_episodes`) against the fold's test list."""
+    return _checked(layout, layout.episodes, f"fold{fold}/test_seed{seed}.csv", fold, "test", shots)
+
+
+def read_validation_episodes(layout: DataLayout, fold: int, shots: int | None = None) -> list[Episode]:
+    """The validation episodes of ``fold``, checked against the fold's validation list."""
+    return _checked(layout, layout.val_episodes, f"fold{fold}.csv", fold, "val", shots)
+
+
+def _checked(layout: DataLayout, tree: Path, name: str, fold: int, pool: str, shots: int | None) -> list[Episode]:
+    path, pool_file = tree / name, layout.split_file(fold, pool)
+    episodes = read_episodes(path, shots)
+    check_provenance(path, tree / PROVENANCE, name, pool_file)
+    check_episodes(path, episodes, read_pairs(pool_file), fold, pool_file)
+    return episodes
+
+
+def check_provenance(path: Path, provenance: Path, name: str, pool_file: Path) -> None:
+    """``path`` must have been drawn from ``pool_file`` as it is now (the sha256 the episodes
+    stage recorded in the tree's provenance.json), not from another list."""
+    hint = "rerun `dvc repro episodes` (or `dvc checkout`) to restore the episode files"
+    try:
+        recorded = json.loads(provenance.read_text())["files"][name]["pool_sha256"]
+    except FileNotFoundError:
+        raise EpisodeError(f"{path}: its tree has no {provenance.name} (where it came from is unknown); {hint}") from None
+    except (KeyError, TypeError, ValueError):
+        raise EpisodeError(f"{path}: {provenance} records no digest of the list it was drawn from; {hint}") from None
+    if recorded != file_sha256(pool_file):
+        raise EpisodeError(
+            f"{path}: drawn from another {pool_file} (sha256 {recorded[:12]}, the list now has "
+            f"{file_sha256(pool_file)[:12]}): its episodes are not the ones this fold's list gives; {hint}"
+        )
+
+
+def check_episodes(path: Path, episodes: Sequence[Episode], pairs: Sequence[tuple[str, int]], fold: int,
+                   pool_file: Path) -> None:  # fmt: skip
+    """Every episode of ``path`` (read from it, line ``n + 2`` for episode ``n``) follows the rules
+    its reader relies on; the first one broken raises :class:`EpisodeError` naming the file, the
+    line and the rule.  Rules: the class is one of the fold's; the query and every support (and
+    every mismatched support, of its class) are in the fold's list ``pool_file`` with that class,
+    i.e. present in their label; supports are distinct from the query and from each other; the
+    mismatched class is another class of the fold."""
+    classes = set(fold_classes(fold))
+    listed = set(pairs)
+    hint = "rerun `dvc repro episodes` (or `dvc checkout`) to restore the file"
+
+    def fail(line: int, rule: str) -> None:
+        raise EpisodeError(f"{path}, line {line}: {rule}; {hint}")
+
+    for line, e in enumerate(episodes, start=2):
+        if e.cls not in classes:
+            fail(line, f"class {e.cls} is not one of fold {fold}'s classes {sorted(classes)}")
+        groups = [("query", (e.query,), e.cls), ("support", e.supports, e.cls)]
+        if e.mismatch_class is not None:
+            if e.mismatch_class not in classes or e.mismatch_class == e.cls:
+                fail(line, f"mismatch_class {e.mismatch_class} is not another of fold {fold}'s classes {sorted(classes)}")
+            groups.append(("mismatched support", e.mismatch_supports, e.mismatch_class))
+        for role, images, cls in groups:
+            for image in images:
+                if (image, cls) not in listed:
+                    fail(line, f"{role} {image!r} with class {cls} is not in {pool_file} (the images of "
+                               f"class {cls} this fold's episodes may use)")  # fmt: skip
+            if role != "query" and (e.query in images or len(set(images)) != len(images)):
+                fail(line, f"the {role}s {list(images)} repeat an image or the query {e.query!r}")

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from simprop.data.errors import DataError, LabelError
-from simprop.infra.atomic import write_text
+from simprop.errors import DiskFullError
+from simprop.infra.atomic import disk_full_error, is_disk_full, size_of, write_text
 from simprop.voc import IGNORE_INDEX, NUM_CLASSES
 
 # ---------------------------------------------------------------------------- id lists
@@ -153,8 +154,11 @@ def install_tree(target: Path, build: Callable[[Path], object]) -> None:
         elif target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
-    except BaseException:
+    except BaseException as exc:
+        written = size_of(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, DiskFullError) or (isinstance(exc, Exception) and is_disk_full(target, exc)):
+            raise disk_full_error(target, written) from None  # names the tree, not a file in its temporary
         raise
 
 

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from simprop.data.datasets import DataPaths, ImageStore, read_pairs
-from simprop.errors import DataError
+from simprop.errors import DataError, DiskFullError
+from simprop.infra.atomic import LOW_SPACE_BYTES, disk_full_error, free_bytes, is_disk_full, size_of
 from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model
 from simprop.model.ica import apply_input_channel_averaging
@@ -115,6 +116,10 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
                 feats = _rows(model.backbone_features(batch))
                 if color is None:
                     shape = (len(ids), *feats.shape[1:])
+                    # a memory-mapped write into a full file system is a SIGBUS, not an error: check first
+                    need = (2 if with_gray else 1) * int(np.prod(shape)) * np.dtype(np.float16).itemsize
+                    if 0 <= free_bytes(tmp / "color.npy") < need + LOW_SPACE_BYTES:
+                        raise disk_full_error(out, need)
                     color = np.lib.format.open_memmap(tmp / "color.npy", mode="w+", dtype=np.float16, shape=shape)
                     if with_gray:
                         gray = np.lib.format.open_memmap(tmp / "gray.npy", mode="w+", dtype=np.float16, shape=shape)
@@ -134,8 +139,11 @@ def build_feature_cache(params: Params, root: Path, device: torch.device, batch_
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    except BaseException:  # an unreadable image, Ctrl-C, SIGTERM: no half-written cache left behind
+    except BaseException as exc:  # an unreadable image, Ctrl-C, SIGTERM: no half-written cache left behind
+        written = size_of(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and not isinstance(exc, DiskFullError) and is_disk_full(out, exc):
+            raise disk_full_error(out, written) from None
         raise
     return manifest
 

@@ -34,7 +34,6 @@ from simprop.engine.metrics import EpisodeMetrics, confusion_counts_many, scorin
 from simprop.infra.device import autocast
 
 
-
 def foreground_margins(model, query_encoded: torch.Tensor, support_encoded: torch.Tensor, support_masks: torch.Tensor,
                        size: int, device: torch.device, amp: bool = False) -> torch.Tensor:  # fmt: skip
     """The network's foreground-minus-background logit margins [B, 1, size, size] (float32).

@@ -18,8 +18,8 @@ from simprop.data.datasets import (
     DataPaths,
     Episode,
     ImageStore,
-    read_episodes,
 )
+from simprop.data.episodes import read_test_episodes
 from simprop.engine.features import FeatureCache
 from simprop.engine.matcher import PrototypeMatcher
 from simprop.engine.metrics import EpisodeMetrics, aggregate_seeds, scoring_label
@@ -86,7 +86,7 @@ def evaluate_matcher(params: Params, fold: int, root: Path, device: torch.device
                                resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))  # fmt: skip
     return {
         f"shot{k}": over_test_sets(
-            params, lambda seed, k=k: read_episodes(paths.episode_file(fold, f"test_seed{seed}"), k),
+            params, lambda seed, k=k: read_test_episodes(paths, fold, seed, k),
             matcher.evaluate, f"matcher_shot{k}", f"fold{fold}",
         )
         for k in ev.shots

@@ -30,9 +30,9 @@ from simprop.data.datasets import (
     DataPaths,
     Episode,
     ImageStore,
-    read_episodes,
     read_pairs,
 )
+from simprop.data.episodes import read_test_episodes
 from simprop.engine.features import FeatureCache, open_feature_cache
 from simprop.engine.inference import EpisodeRunner
 from simprop.engine.metrics import EpisodeMetrics
@@ -103,7 +103,7 @@ def evaluate_model(
     started = time.perf_counter()
 
     def test_set(seed: int, shots: int) -> list[Episode]:
-        return read_episodes(paths.episode_file(fold, f"test_seed{seed}"), shots)
+        return read_test_episodes(paths, fold, seed, shots)
 
     def over_seeds(name: str, evaluate: Callable[[list[Episode], str], EpisodeMetrics], shots: int,
                    episodes_of: Callable[[list[Episode]], list[Episode]] = lambda e: e) -> dict:  # fmt: skip
@@ -142,7 +142,7 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     if count == 0:
         return []
     paths = DataPaths(root / params.data.root)
-    episodes = read_episodes(paths.episode_file(fold, f"test_seed{params.episodes.test_seeds[0]}"), 1)[:count]
+    episodes = read_test_episodes(paths, fold, params.episodes.test_seeds[0], 1)[:count]
     rows = []
     for p in runner.predict(episodes, desc="qualitative"):
         support = p.episode.supports[0]

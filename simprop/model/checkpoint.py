@@ -48,6 +48,7 @@ from typing import Any, Mapping
 import torch
 
 from simprop.errors import CheckpointError
+from simprop.infra.atomic import disk_full_error, is_disk_full, size_of
 from simprop.model.encoder import build_backbone
 from simprop.model.network import build_model
 from simprop.params import ModelParams
@@ -181,9 +182,12 @@ def _atomic_save(payload: Any, path: Path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = size_of(tmp)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and is_disk_full(path, exc):  # torch's "unexpected pos" too
+            raise disk_full_error(path, written) from None
         raise
     return path
 
@@ -239,32 +243,56 @@ def save_training_state(path: str | os.PathLike, *, identity: CheckpointIdentity
 
 
 def _safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` with a clear error for an unsafe or corrupt file."""
+    """``torch.load(weights_only=True)`` with a clear error for an unsafe or corrupt file.
+
+    torch's own message for a refused file advises ``weights_only=False`` ("will likely
+    succeed"): advice that runs whatever the file holds.  It is never passed on; the error says
+    what was found (the refused global, or a plain Python pickle) and that nothing was run.
+    """
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train the model first (dvc repro train) or fix the path")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
+        if "Weights only load failed" not in text:
+            raise CorruptCheckpointError(_corrupt_message(path, exc)) from None
         globals_ = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "global:" in line.lower()]
-        if "Weights only load failed" in text and globals_:  # a class or function to import: refused
-            detail = globals_[0]
-            raise UnsafeCheckpointError(
-                f"{path} is not a safe checkpoint: it holds pickled Python objects other than tensors "
-                f"and plain containers ({detail}). Nothing in it was run. simprop never writes such a "
-                f"file: it may have been tampered with (e.g. on a shared DVC remote). Delete it and "
-                f"re-train (dvc repro)."
-            ) from None
-        raise CorruptCheckpointError(_corrupt_message(path, exc)) from exc
+        if globals_:  # a class or function to import: refused
+            what = f"pickled Python objects other than tensors and plain containers ({_refused_name(globals_[0])})"
+        elif _is_pickle_stream(path):  # not torch's zip format: a plain pickle (protocol >= 2)
+            what = "a plain Python pickle, not a torch checkpoint"
+        else:
+            raise CorruptCheckpointError(_corrupt_message(path, None)) from None
+        raise UnsafeCheckpointError(
+            f"{path} is not a safe checkpoint: it holds {what}. Nothing in it was run. simprop never "
+            f"writes such a file: it may have been tampered with (e.g. on a shared DVC remote). Delete "
+            f"it and re-train (dvc repro)."
+        ) from None
     except Exception as exc:
         raise CorruptCheckpointError(_corrupt_message(path, exc)) from exc
 
 
-def _corrupt_message(path: Path, exc: BaseException) -> str:
-    return (
-        f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-        f"delete it and re-run training (a killed run resumes from last.pt)"
-    )
+def _is_pickle_stream(path: Path) -> bool:
+    """Whether the file starts like a pickle of protocol 2 or later (the PROTO opcode, 0x80, and
+    a protocol number 2..5), which every Python 3 ``pickle.dump`` writes."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _refused_name(line: str) -> str:
+    """``GLOBAL __main__.Evil was not an allowed global...`` -> ``GLOBAL __main__.Evil`` (torch's
+    advice on how to allow it is dropped)."""
+    words = line.replace("Unsupported global:", "").split()
+    if "GLOBAL" in words and words.index("GLOBAL") + 1 < len(words):
+        return "GLOBAL " + words[words.index("GLOBAL") + 1]
+    return line.split(" was not ")[0][:200]
+
+
+def _corrupt_message(path: Path, exc: BaseException | None) -> str:
+    detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc is not None else ""
+    return f"checkpoint {path} is corrupt or truncated{detail}; delete it and re-run training (a killed run resumes from last.pt)"
 
 
 def _check_identity(path: Path, stored: CheckpointIdentity | None, expected: CheckpointIdentity | None) -> None:

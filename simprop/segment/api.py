@@ -38,6 +38,7 @@ the model averages the support prototypes (its k-shot path).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from simprop.infra.atomic import free_bytes, is_disk_full, size_of
 from simprop.segment.inputs import (
     VOID,
     SegmentError,
@@ -144,6 +146,9 @@ def segment(
     support_encoded = encode_images(model, support_imgs)  # once, shared by every query
 
     # ---- segment into a staging folder, then move into place
+    # the folders this call creates, deepest first: removed again if it fails, so a failure leaves
+    # no empty --out behind
+    created = [d for d in (out_dir, *out_dir.absolute().parents) if not d.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".simprop-segment-", dir=out_dir))
@@ -162,6 +167,12 @@ def segment(
                     save_png(mask.astype(np.uint8) * np.uint8(foreground_value), staging / f"{path.stem}_mask.png")
                     save_png(overlay_image(image, mask), staging / f"{path.stem}_overlay.png")
                 except OSError as exc:
+                    if is_disk_full(staging / path.stem, exc):
+                        raise SegmentError(
+                            f"--out {out_dir}: no space left on its file system ({free_bytes(staging) / 2**20:.1f} MB "
+                            f"free; {size_of(staging) / 2**20:.1f} MB of outputs written so far); nothing was "
+                            "moved into --out: free some space and rerun"
+                        ) from None
                     raise SegmentError(f"--out {out_dir}: cannot write the outputs ({exc.strerror or exc})") from None
                 results.append(
                     SegmentResult(
@@ -180,6 +191,11 @@ def segment(
                 os.replace(staging / result.overlay.name, result.overlay)
         except OSError as exc:
             raise SegmentError(f"--out {out_dir}: cannot move the outputs into place ({exc.strerror or exc})") from None
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # only the ones this call made, and only while empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return results

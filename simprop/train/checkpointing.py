@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,9 +95,11 @@ class TrainingCheckpoints:
         ``model``, ``optimizer`` and ``iom`` loaded from ``last.pt`` when it continues this run.
 
         ``last.pt`` is read by :func:`simprop.model.checkpoint.load_training_state` (weights only,
-        never arbitrary pickled objects): an unsafe file or one of another variant or fold stops
-        the stage with a clear error; a truncated one, an older format or another training
-        fingerprint (params, data, backbone or code changed) starts from scratch.
+        never arbitrary pickled objects): an unsafe file (a plain pickle included) or one of
+        another variant or fold stops the stage with a clear error; a truncated or damaged one is
+        moved aside to ``last.pt.corrupt[.N]`` with a warning naming it, and training starts from
+        scratch; an older format or another training fingerprint (params, data, backbone or code
+        changed) starts from scratch.
         """
         fresh = {"loss": [], "val": [], "best_val_miou": -1.0, "best_epoch": -1, "resumed_from": None}
         last, variant, fold = self.paths.last, self.paths.variant, self.paths.fold
@@ -104,8 +107,10 @@ class TrainingCheckpoints:
             return 0, fresh
         try:
             state = load_training_state(last, CheckpointIdentity(variant=variant, fold=fold))
-        except CorruptCheckpointError as exc:  # a torn file from a kill during the (atomic) replace is
-            print(f"ignoring unreadable {last} ({exc}); starting from scratch")  # impossible, but be safe
+        except CorruptCheckpointError as exc:  # truncated or damaged (the atomic replace never tears it):
+            aside = _move_aside(last)  # kept for inspection, never silently replaced
+            print(f"warning: {exc}; moved it to {aside} and starting {variant} fold {fold} from scratch",
+                  file=sys.stderr, flush=True)  # fmt: skip
             return 0, fresh
         if state is None:
             print(f"{last} is not a training state of this simprop version; starting from scratch")
@@ -155,3 +160,14 @@ class TrainingCheckpoints:
             self.paths.best, model, identity=self.identity, epoch=epoch, val_miou=val_miou,
             image_size=image_size, fold=self.paths.fold, fingerprint=self.fingerprint,
         )  # fmt: skip
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<name>.corrupt`` (``.corrupt.1``, ... when taken) and return the new path."""
+    aside = path.with_name(path.name + ".corrupt")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt.{n}")
+    path.rename(aside)
+    return aside

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from simprop.data.datasets import (
     DataPaths,
     ImageStore,
-    read_episodes,
 )
+from simprop.data.episodes import read_validation_episodes
 from simprop.engine.encoded import EncodedFeatures
 from simprop.engine.features import FeatureCache, open_feature_cache
 from simprop.engine.inference import EpisodeRunner
@@ -98,7 +98,7 @@ class Trainer:
         self.store = ImageStore(self.data, tp.image_size)
         self.training = TrainingPairs(self.data.split(fold, "train"))
         self.pairs = self.training.pairs
-        self.val_episodes = read_episodes(self.data.val_episode_file(fold), 1)
+        self.val_episodes = read_validation_episodes(self.data, fold, 1)
         # 2. the network, the frozen backbone's feature cache, the projection's initialisation
         self.model = build_model(variant, params.model, init_seed=tp.seed).to(self.device)
         self.iom = IOMHistory(len(self.pairs)) if self.model.uses_iom else None

@@ -3,7 +3,8 @@
 * :mod:`.store` where runs go (params, ``MLFLOW_TRACKING_URI`` or the repo's sqlite file) and
   opening the store safely from parallel stages;
 * :mod:`.tags`  run names, the tags every stage run carries, params and metrics as MLflow keeps them;
-* :mod:`.run`   :func:`stage_run`: one run per stage execution, never left RUNNING.
+* :mod:`.run`   :func:`stage_run`: one run per stage execution, kept whole through a server outage;
+* :mod:`.signals` Ctrl-C and SIGTERM close the run KILLED; :mod:`.dangling` closes runs of killed processes.
 
 Runs are written through an explicit :class:`mlflow.MlflowClient`; this package sets no global
 MLflow state (no ``mlflow.set_tracking_uri``, no fluent active run).  ``mlflow`` is imported on

@@ -1,16 +1,10 @@
 """One MLflow run per stage execution: :func:`stage_run` and the :class:`StageRun` it yields.
 
-No dangling runs
-----------------
-A run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM, which
-:func:`stage_run` turns into :class:`StageTerminated`).  A process killed with SIGKILL cannot
-close its run; the next run of the same stage key (``stage_key`` tag: run name, DVC experiment
-and repository) closes every RUNNING run of that key whose process is gone as KILLED, tagged
-``replaced_by_run``; the new run is tagged ``replaces_run``.  A run whose process (``process``
-tag: host, pid and start time) is still alive is left alone.
-A SIGTERM or Ctrl-C that arrives while an MLflow write is in flight is held until that write
-returns: an exception raised in the middle of a SQLite transaction left the store locked, the
-KILLED mark that followed failed with "database is locked" and the run stayed RUNNING.
+A run ends FINISHED, FAILED (an exception) or KILLED (Ctrl-C, or SIGTERM: :mod:`.signals`); one
+left RUNNING by a SIGKILLed process is closed by the next run of its stage (:mod:`.dangling`).  A
+tracking server that goes away mid-run holds nothing up: :class:`StageRun` keeps the log calls it
+does not take and sends them when it answers again, or saves them for ``simprop mlflow-sync``
+(:func:`sync_pending`).
 
 Runs are written through an explicit :class:`mlflow.MlflowClient`; this module sets no global
 MLflow state (no ``mlflow.set_tracking_uri``, no fluent active run).  Log through the
@@ -21,18 +15,21 @@ this module is cheap, and ``MLFLOW_DISABLE_TELEMETRY`` defaults to ``true`` when
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import signal
-import socket
-import threading
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
-from simprop.errors import StageTerminated
+from simprop.errors import DiskFullError, StageTerminated, TrackingError
+from simprop.infra.atomic import is_disk_full, write_text
 from simprop.infra.timing import span
+from simprop.infra.tracking.dangling import close_dangling_runs, process_token, stage_key
+from simprop.infra.tracking.signals import mlflow_write, raise_held, terminate_as_exception
 from simprop.infra.tracking.store import (
     _mlflow,
+    check_server,
     find_repo_root,
     open_store,
     resolve_tracking,
@@ -52,157 +49,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
 
 
-
-def _process_start(pid: int) -> str:
-    """The start time of process ``pid`` in clock ticks since boot (Linux ``/proc``), or ``""``."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 (starttime), after the command name
-
-
-def process_token(pid: int | None = None) -> str:
-    """``host:pid:start``: names this process so that a later run can tell whether it still lives."""
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
-
-
-def process_alive(token: str) -> bool:
-    """Whether the process a :func:`process_token` names still runs (on another host: assume so)."""
-    try:
-        host, pid_text, start = token.rsplit(":", 2)
-        pid = int(pid_text)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return True  # cannot tell; never close another machine's run
-    if start:
-        return _process_start(pid) == start
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def stage_key(name: str, repo_root: Path) -> str:
-    """What makes two runs "the same stage": run name, DVC experiment, repository."""
-    return f"{name}|{os.environ.get('DVC_EXP_NAME') or 'workspace'}|{repo_root}"
-
-
-def close_dangling_runs(client: "MlflowClient", experiment_id: str, key: str, replaced_by: str) -> list[str]:
-    """Close as KILLED every RUNNING run of stage key ``key`` whose process is gone.
-
-    Each gets the tags ``replaced_by_run`` (``replaced_by``) and ``killed_reason``; returns their ids.
-    """
-    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
-    closed = []
-    for run in runs:
-        if run.data.tags.get("stage_key") != key or run.info.run_id == replaced_by:
-            continue
-        if process_alive(run.data.tags.get("process", "")):
-            continue
-        client.set_tag(run.info.run_id, "replaced_by_run", replaced_by)
-        client.set_tag(
-            run.info.run_id, "killed_reason",
-            "its process ended without closing the run (SIGKILL, power loss); found RUNNING when the stage started again",
-        )  # fmt: skip
-        client.set_terminated(run.info.run_id, status="KILLED")
-        closed.append(run.info.run_id)
-    return closed
-
-
-_previous_handlers: list[dict[int, Any]] = []  # handlers to give back while a stage run holds the signals
-_writes_in_flight: list[None] = []  # one entry per MLflow write in progress (nested calls too)
-_held_signals: list[int] = []  # a signal that arrived during one, raised when the last one returns
-
-
-def _child_gets_previous_handlers() -> None:
-    """In a process forked while a stage run holds the signals (data workers): the handlers as
-    they were, and no write in flight."""
-    if _previous_handlers:
-        for signum, handler in _previous_handlers[-1].items():
-            signal.signal(signum, handler)
-        _previous_handlers.clear()
-    _writes_in_flight.clear()
-    _held_signals.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_child_gets_previous_handlers)
-
-
-def _signal_exception(signum: int) -> BaseException:
-    return KeyboardInterrupt() if signum == signal.SIGINT else StageTerminated(signum)
-
-
-@contextlib.contextmanager
-def _mlflow_write(held: str = "raise") -> Iterator[None]:
-    """Hold SIGTERM / SIGINT while the MLflow call inside runs; act on it when the call returns.
-
-    The exception a signal raises lands at whatever bytecode runs next, e.g. inside SQLAlchemy
-    between an INSERT and its COMMIT; that connection then keeps SQLite's write lock and the
-    KILLED mark written next by the same process waits for it and fails ("database is locked").
-    ``held``: ``raise`` the held signal's exception once the call has returned, ``keep`` it for
-    :func:`_raise_held` (the run does not exist to be closed yet), or ``drop`` it (closing a run
-    that is already ending).
-    """
-    _writes_in_flight.append(None)
-    try:
-        yield
-    finally:  # also when the call failed: the held signal's exception then carries its error as context
-        _writes_in_flight.pop()
-        if not _writes_in_flight and held == "drop":
-            _held_signals.clear()
-        elif not _writes_in_flight and held == "raise":
-            _raise_held()
-
-
-def _raise_held() -> None:
-    """Raise the exception of a signal held by :func:`_mlflow_write`, if one is."""
-    if _held_signals:
-        raise _signal_exception(_held_signals.pop())
-
-
-@contextlib.contextmanager
-def _terminate_as_exception() -> Iterator[None]:
-    """While open: SIGTERM raises :class:`StageTerminated` in this (main) thread, so the run is
-    closed as KILLED, and Ctrl-C raises ``KeyboardInterrupt`` as usual (SIGINT is taken over only
-    where Python's own handler had it, never where it was ignored); both wait for an MLflow
-    write in flight (:func:`_mlflow_write`).  Processes forked meanwhile (data workers) get the
-    previous handlers back at once, so they die of SIGTERM as before."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    owner = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != owner:  # a child that somehow kept this handler: behave as before
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        if _writes_in_flight:
-            if not _held_signals:
-                _held_signals.append(signum)
-            return
-        raise _signal_exception(signum)
-
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, handler)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
-    _previous_handlers.append(previous)
-    try:
-        yield
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-        _previous_handlers.pop()
-        _held_signals.clear()
-
-
 def _log_params(client: "MlflowClient", run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -212,14 +58,39 @@ def _log_params(client: "MlflowClient", run_id: str, params: Mapping[str, Any]) 
 
 
 def _timed_logging(method):
-    """Count a :class:`StageRun` method's time as MLflow logging (:mod:`simprop.infra.timing`)."""
+    """Count a :class:`StageRun` method's time as MLflow logging (:mod:`simprop.infra.timing`), and
+    keep the call for later when a tracking server does not take it (:meth:`StageRun.keep`)."""
 
-    def wrapper(*args, **kwargs):
-        with span("mlflow_logging"), _mlflow_write():
-            return method(*args, **kwargs)
+    def wrapper(self, *args, **kwargs):
+        with span("mlflow_logging"), mlflow_write():
+            if self.pending and not self.flush():  # the server is still away: queue behind the rest
+                self.keep(method.__name__, args, kwargs, None)
+                return None
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - only an unreachable server is kept, the rest raises
+                if isinstance(exc, OSError) and is_disk_full(Path("."), exc):  # a full local artifact store
+                    raise DiskFullError(
+                        f"the MLflow store of run {self.run_id} ({self.tracking_uri}, artifacts under "
+                        f"mlartifacts/ unless the server keeps them) has no space left; free some space "
+                        f"and rerun the stage"
+                    ) from None
+                if not self.is_outage(exc):
+                    raise
+                self.keep(method.__name__, args, kwargs, exc)
+                return None
 
-    wrapper.__name__, wrapper.__doc__ = method.__name__, method.__doc__
+    wrapper.__name__, wrapper.__doc__, wrapper.__wrapped__ = method.__name__, method.__doc__, method
     return wrapper
+
+
+# what a tracking server that is down, restarting or overloaded raises through MLflow's client
+# (after its own retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES, see store._mlflow)
+_OUTAGE_TEXT = ("Max retries exceeded", "Connection refused", "Connection aborted", "Read timed out",
+                "RemoteDisconnected", "Failed to establish", "502", "503", "504")  # fmt: skip
+
+
+PENDING_DIR = Path(".simprop") / "mlflow-pending"  # under the repository root
 
 
 class StageRun:
@@ -230,6 +101,53 @@ class StageRun:
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.tracking_uri = tracking_uri
+        # log calls a tracking server did not take, in order: (method, args, kwargs)
+        self.pending: list[tuple[str, tuple, dict]] = []
+
+    # ------------------------------------------------------------------ a server that goes away
+
+    def is_outage(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the tracking server is unreachable (not a bad request)."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return False  # a local store that fails is a real error
+        text = f"{type(exc).__name__}: {exc}"
+        return any(word in text for word in _OUTAGE_TEXT) or "ConnectionError" in text or "Timeout" in text
+
+    def keep(self, method: str, args: tuple, kwargs: dict, exc: BaseException | None) -> None:
+        """Queue a log call the server did not take; it is sent again before the next one and when
+        the run closes (:meth:`flush`).  The work goes on: its numbers are in metrics/ anyway."""
+        if not self.pending and exc is not None:
+            print(f"warning: the MLflow server {self.tracking_uri} did not take a log call of run {self.run_id} "
+                  f"({str(exc).splitlines()[0][:200]}); the work goes on, and the calls are kept and sent "
+                  "again when it answers", file=sys.stderr, flush=True)  # fmt: skip
+        self.pending.append((method, tuple(args), dict(kwargs)))
+
+    def flush(self) -> bool:
+        """Send the kept calls, in order; ``True`` when none is left."""
+        while self.pending:
+            method, args, kwargs = self.pending[0]
+            try:
+                getattr(type(self), method).__wrapped__(self, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                if not self.is_outage(exc):
+                    raise
+                return False
+            self.pending.pop(0)
+            if not self.pending:
+                print(f"the MLflow server {self.tracking_uri} answers again: every kept log call of run "
+                      f"{self.run_id} was sent", file=sys.stderr, flush=True)  # fmt: skip
+        return True
+
+    def save_pending(self, root: Path, status: str) -> Path:
+        """Write the kept calls and the run's final status to ``<root>/.simprop/mlflow-pending/<run>.json``
+        for :func:`sync_pending` (``simprop mlflow-sync``)."""
+        path = Path(root) / PENDING_DIR / f"{self.run_id}.json"
+        record = {
+            "tracking_uri": self.tracking_uri, "run_id": self.run_id, "status": status,
+            "calls": [{"method": m, "args": list(a), "kwargs": k} for m, a, k in self.pending],
+        }  # fmt: skip
+        write_text(path, json.dumps(record, default=_plain_json, indent=1) + "\n")
+        return path
 
     @property
     def artifact_uri(self) -> str:
@@ -327,9 +245,10 @@ def stage_run(
     root = find_repo_root(repo_root)
     uri, artifacts = resolve_tracking(repo_root, params.tracking.tracking_uri, params.tracking.experiment)
     _mlflow()
-    with _terminate_as_exception():
-        with span("mlflow_setup"), _mlflow_write(held="keep"):
-            client, experiment_id = open_store(uri, params.tracking.experiment, artifacts)
+    with terminate_as_exception():
+        with span("mlflow_setup"), mlflow_write(held="keep"):
+            client, experiment_id = open_store(uri, params.tracking.experiment, artifacts,
+                                                 params.tracking.connect_timeout_s)
             name = run_name(stage, variant, fold, shots)
             key = stage_key(name, root)
             tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
@@ -337,8 +256,8 @@ def stage_run(
             info = client.create_run(experiment_id, run_name=name, tags=tags).info
         try:
             run = StageRun(client, info.run_id, experiment_id, uri)
-            _raise_held()  # a signal that came while the run was being created: close it KILLED
-            with span("mlflow_setup"), _mlflow_write():
+            raise_held()  # a signal that came while the run was being created: close it KILLED
+            with span("mlflow_setup"), mlflow_write():
                 replaced = close_dangling_runs(client, experiment_id, key, run.run_id)
                 if replaced:
                     client.set_tag(run.run_id, "replaces_run", ",".join(replaced))
@@ -347,11 +266,68 @@ def stage_run(
             yield run
         except BaseException as exc:
             status = "KILLED" if isinstance(exc, (KeyboardInterrupt, StageTerminated)) else "FAILED"
-            with contextlib.suppress(Exception), _mlflow_write(held="drop"):
+            with contextlib.suppress(Exception), mlflow_write(held="drop"):
                 client.set_tag(info.run_id, "error", f"{type(exc).__name__}: {exc}"[:MAX_TAG_VALUE])
-            with contextlib.suppress(Exception), _mlflow_write(held="drop"):
+            with contextlib.suppress(Exception), mlflow_write(held="drop"):
                 client.set_terminated(info.run_id, status=status)
             raise
-        with span("mlflow_close"), _mlflow_write():
-            client.set_terminated(run.run_id, status="FINISHED")
+        with span("mlflow_close"), mlflow_write():
+            _close(run, root, "FINISHED")
 
+
+FLUSH_TRIES = 3  # a run that ends while its server is away: tries, FLUSH_WAIT_S apart, before saving
+
+
+FLUSH_WAIT_S = 5.0
+
+
+def _close(run: StageRun, root: Path, status: str) -> None:
+    """Send what the server did not take and mark the run ``status``; if the server stays away,
+    save both for ``simprop mlflow-sync`` and say so (the stage's outputs are complete)."""
+    for attempt in range(FLUSH_TRIES):
+        try:
+            if run.flush():
+                run.client.set_terminated(run.run_id, status=status)
+                return
+        except Exception as exc:  # noqa: BLE001
+            if not run.is_outage(exc):
+                raise
+        if attempt + 1 < FLUSH_TRIES:
+            time.sleep(FLUSH_WAIT_S)
+    path = run.save_pending(root, status)
+    print(f"warning: the MLflow server {run.tracking_uri} is still away: {len(run.pending)} log calls of run "
+          f"{run.run_id} and its {status} status are saved in {path} (the stage's outputs and metrics/ "
+          f"are complete); when the server answers again run: simprop mlflow-sync {path}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
+def sync_pending(path: str | os.PathLike) -> int:
+    """Send a run's saved log calls (:meth:`StageRun.save_pending`) and mark it with its status;
+    the file is removed once everything went through.  Returns the number of calls sent."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+        uri, run_id = record["tracking_uri"], record["run_id"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise TrackingError(f"{path}: not a saved MLflow run of simprop ({exc})") from None
+    check_server(uri, 10.0)
+    client = _mlflow().MlflowClient(tracking_uri=uri)
+    run = StageRun(client, run_id, "", uri)
+    run.pending = [(c["method"], tuple(c["args"]), dict(c["kwargs"])) for c in record["calls"]]
+    sent = len(run.pending)
+    if not run.flush():
+        raise TrackingError(f"{path}: the MLflow server {uri} did not take the calls; try again later")
+    client.set_terminated(run_id, status=record["status"])
+    path.unlink()
+    return sent
+
+
+def _plain_json(value: Any) -> Any:
+    """JSON for what a log call may carry: numpy / torch scalars as numbers, paths as strings."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"cannot save {type(value).__name__} for a later MLflow sync")

@@ -38,6 +38,8 @@ import fcntl
 import os
 import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -51,9 +53,23 @@ if TYPE_CHECKING:  # pragma: no cover
 _EXPS_PARTS = (".dvc", "tmp", "exps")
 
 
+# MLflow's client retries an unanswered HTTP call 7 times with doubling waits (minutes in all)
+# before it fails; a stage keeps what a tracking server does not take and sends it later
+# (run.StageRun.keep), so two quick retries are enough and the work is not held up.  An
+# environment variable of the caller's wins.
+HTTP_RETRY_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
 def _mlflow():
-    """Import mlflow on first use, with telemetry off unless the caller chose otherwise."""
+    """Import mlflow on first use, with telemetry off and the HTTP retries above unless the
+    caller chose otherwise."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     with span("mlflow_import"):
         import mlflow
 
@@ -186,9 +202,35 @@ def store_lock(uri: str, timeout: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def open_store(uri: str, experiment: str, artifact_location: str | None) -> tuple["MlflowClient", str]:
+def check_server(uri: str, timeout: float) -> None:
+    """A tracking server (``http(s)://`` URI) must answer within ``timeout`` seconds, or the stage
+    stops before any work with one line naming the URI.  Without this check MLflow's client
+    retries a refused connection with backoff for minutes (253 s measured) before it fails.
+    Any HTTP answer counts (an authenticating proxy may answer 401): only no answer fails."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"tracking URI {uri}: no MLflow server answers within {timeout:g} s ({reason}); start it "
+            "(mlflow server --host <host> --port <port> ...), fix tracking.tracking_uri / "
+            "MLFLOW_TRACKING_URI, or set tracking.tracking_uri: \"\" and unset MLFLOW_TRACKING_URI for "
+            "the local sqlite store (tracking.connect_timeout_s sets the wait)"
+        ) from None
+
+
+def open_store(uri: str, experiment: str, artifact_location: str | None,
+               connect_timeout_s: float = 5.0) -> tuple["MlflowClient", str]:  # fmt: skip
     """``(client, experiment id)``: the store created or migrated once, safely, under
-    :func:`store_lock`, and experiment ``experiment`` there (see :func:`get_or_create_experiment`)."""
+    :func:`store_lock`, and experiment ``experiment`` there (see :func:`get_or_create_experiment`).
+    A tracking server is asked first, ``connect_timeout_s`` at most (:func:`check_server`)."""
+    check_server(uri, connect_timeout_s)
     mlflow = _mlflow()
     db = sqlite_path(uri)
     with store_lock(uri):
