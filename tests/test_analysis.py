@@ -4,6 +4,7 @@ on a tiny generated data tree with an untrained checkpoint (plumbing, not paper 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -142,6 +143,11 @@ def _write_tree(root: Path) -> None:
         for e in range(6):
             cls = 1 + e % 2
             w.writerow([e, f"img_c{cls}_{e % 4}", cls, f"img_c{cls}_{(e + 1) % 4}", f"img_c{cls}_{(e + 2) % 4}"])
+    # where the file came from, as the episodes stage records it (its readers check the list's digest)
+    digest = hashlib.sha256((splits / "test.csv").read_bytes()).hexdigest()
+    (episodes.parent / "provenance.json").write_text(json.dumps(
+        {"files": {"fold0/test_seed1.csv": {"pool": "splits/fold0/test.csv", "pool_sha256": digest}}}
+    ))  # fmt: skip
 
 
 @pytest.fixture(scope="module")

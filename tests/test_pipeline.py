@@ -612,7 +612,7 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _plain_pickle(path: Path, payload) -> None:
+def _plain_pickle(payload, path: Path) -> None:
     with open(path, "wb") as fh:
         pickle.dump(payload, fh)
 
