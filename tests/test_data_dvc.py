@@ -92,6 +92,9 @@ def test_an_in_place_edit_of_a_tracked_file_never_reaches_the_dvc_cache(data_rep
     dvc = [sys.executable, "-m", "dvc"]
     repro = run([*dvc, "repro", "download"], repo, env)
     assert repro.returncode == 0, repro.stdout + repro.stderr
+    # what a fresh clone's `dvc pull` / `dvc checkout` does: workspace files linked from the cache
+    relink = run([*dvc, "checkout", "--relink", "download"], repo, env)
+    assert relink.returncode == 0, relink.stdout + relink.stderr
     jpeg = sorted((repo / "data" / "raw").rglob("*.jpg"))[0]
     digest = hashlib.md5(jpeg.read_bytes()).hexdigest()
     cached = repo / ".dvc" / "cache" / "files" / "md5" / digest[:2] / digest[2:]
