@@ -640,7 +640,8 @@ def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage, writer):
     assert "Traceback" not in result.stderr
     assert f"models/dpr/fold0/{name} is not a safe checkpoint" in result.stderr
     assert "Nothing in it was run" in result.stderr
-    assert "weights_only" not in result.stderr + result.stdout and "safe_globals" not in result.stderr
+    advice = ("weights_only=False", "`weights_only` set to `False`", "safe_globals")  # torch's, never passed on
+    assert not any(a in result.stderr + result.stdout for a in advice)
 
 
 def test_sigterm_during_download_marks_the_run_killed_and_leaves_no_temporary(pipeline):
