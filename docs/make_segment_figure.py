@@ -1,7 +1,7 @@
 """Rebuild docs/images/segment_overlay.png: the README's `simprop segment` example.
 
 Run from the repository root after the default `dvc repro` (it needs the generated data and
-models/dpr/fold0/best.pt; fold 0 never trained on class 1, aeroplane):
+models/dpr/fold0/seed0/best.pt; fold 0 never trained on class 1, aeroplane):
 
     python3 docs/make_segment_figure.py
 
@@ -37,7 +37,7 @@ def main() -> None:
         panels.append(overlay(image, mask, colour=SUPPORT_COLOUR, alpha=0.25))
     with tempfile.TemporaryDirectory() as tmp:
         results = segment(
-            "models/dpr/fold0/best.pt", supports, [IMAGES / f"{q}.jpg" for q in QUERIES], Path(tmp) / "out",
+            "models/dpr/fold0/seed0/best.pt", supports, [IMAGES / f"{q}.jpg" for q in QUERIES], Path(tmp) / "out",
             class_id=CLASS_ID, variant="dpr", device="cpu", progress=False,
         )  # fmt: skip
         for result in results:

@@ -54,7 +54,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         description="Writes <out>/<stem>_mask.png and <out>/<stem>_overlay.png for every query. "
         "Support masks: binary PNGs (0/255 or 0/1), or VOC index PNGs with --class-id.",
     )
-    p.add_argument("--checkpoint", required=True, help="a trained checkpoint, e.g. models/simpropnet/fold0/best.pt")
+    p.add_argument("--checkpoint", required=True, help="a trained checkpoint, e.g. models/simpropnet/fold0/seed0/best.pt")
     p.add_argument(
         "--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
         help="a support image and its mask; repeat for k shots",

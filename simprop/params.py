@@ -209,7 +209,10 @@ class TrainParams:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = False  # mixed precision (simprop/infra/device.py): bf16 on CPU, bf16/fp16 on CUDA
     channels_last: bool = False  # channels-last memory layout for the trainable convolutions
-    seed: int = 0
+    # training replicates: every (variant, fold) is trained once per seed (initialisation, sample
+    # order, supports, dropout and ICA draws all derive from it); the report gives each cell as the
+    # mean and spread over them and tests the paper's claims against that spread
+    seeds: tuple[int, ...] = (0,)
     val_every: int = 1
     # DDP processes on this machine (one per GPU); > 1 relaunches the train stage through
     # torchrun, each process taking batch_size / processes samples of every batch
@@ -218,6 +221,14 @@ class TrainParams:
     # with cores // parallel_folds threads (simprop/infra/parallel.py); 1 = one after another, as with
     # processes > 1 (DDP spreads each fold over the processes, and the folds take turns)
     parallel_folds: int = 1
+    # the training seed of one job: not a params.yaml key (train.seeds is), set per replicate by
+    # Params.for_seed; the first of train.seeds until then
+    seed: int | None = field(default=None, metadata={"derived": "train.seed is set per replicate from "
+                             "train.seeds; write train.seeds: [N] instead of train.seed: N"})
+
+    def __post_init__(self) -> None:
+        if self.seed is None:
+            object.__setattr__(self, "seed", self.seeds[0] if self.seeds else 0)
 
     def validate(self, key: str) -> None:
         for v in self.variants:
@@ -225,6 +236,12 @@ class TrainParams:
                 raise ParamsError(f"{key}.variants: unknown variant {v!r}; choose from {list(VARIANTS)}")
         if not self.variants:
             raise ParamsError(f"{key}.variants: give at least one variant")
+        if not self.seeds:
+            raise ParamsError(f"{key}.seeds: give at least one training seed, e.g. [0, 1, 2]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"{key}.seeds: training seeds must be distinct, got {list(self.seeds)}")
+        if any(seed < 0 for seed in self.seeds):
+            raise ParamsError(f"{key}.seeds: training seeds must be >= 0, got {list(self.seeds)}")
         _folds(self.folds, f"{key}.folds")
         _positive(self, key, "lr", "batch_size", "epochs", "image_size", "val_every")
         if self.projection_lr_scale < 0:
@@ -370,6 +387,13 @@ class Params:
                 "is not trained; it must be in train.variants and train.folds"
             )
 
+    def for_seed(self, seed: int) -> "Params":
+        """These params for the training replicate ``seed`` (one of ``train.seeds``): ``train.seed``
+        is what every seeded draw of a training and of its evaluation reads."""
+        if seed not in self.train.seeds:
+            raise ParamsError(f"train.seeds: seed {seed} is not in {list(self.train.seeds)}")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, seed=seed))
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
@@ -413,7 +437,12 @@ def _build(cls: type, raw: Any, key: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: {where} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    derived = {f.name: f.metadata["derived"] for f in dataclasses.fields(cls) if "derived" in f.metadata}
+    for name, hint in derived.items():
+        if name in raw:
+            bad = f"{key}.{name}" if key else name
+            raise ParamsError(f"{source}: {bad!r} is not a params key: {hint}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in derived}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         bad = f"{key}.{unknown[0]}" if key else unknown[0]
@@ -519,7 +548,7 @@ def _inside_repository(value: str, key: str, source: str) -> None:
 
 def _to_plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if "derived" not in f.metadata}
     if isinstance(obj, tuple):
         return [_to_plain(v) for v in obj]
     return obj

@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: score each (variant, fold)'s selected checkpoint on the test episodes.
 
-Usage: python stages/evaluate.py [--variant simpropnet] [--fold 0]
+Usage: python stages/evaluate.py [--variant simpropnet] [--fold 0] [--seed 1]
 For every variant of train.variants, fold of train.folds, test seed and shot count: mIoU (over
 the fold's 5 classes), FB-IoU and per-class IoU, scored as evaluate.resolution / evaluate.void
 say; the identical-input test (paper Table 5); and the support-use controls: the prototype
@@ -10,7 +10,7 @@ read from them (``support_use``).  Each (variant, fold) writes metrics/evaluate/
 and outputs/evaluate/<variant>/fold<i>/qualitative.png and logs to its own MLflow run
 (simprop.evaluate.run.evaluate_fold).  The folds are the jobs: evaluate.parallel_folds of them run
 side by side (simprop/infra/parallel.py), each evaluating the variants in turn and scoring the
-parameter-free matcher once.  --variant / --fold evaluate that variant / fold alone.
+parameter-free matcher once.  --variant / --fold / --seed evaluate that variant / fold / training seed alone.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     args = stage_args(__doc__, argv, jobs=True)
 
     def body(params: Params) -> int:
-        variants, folds = stage_jobs(params, args.variant, args.fold)
+        variants, folds, seeds = stage_jobs(params, args.variant, args.fold, args.seed)
         from simprop.infra.parallel import run_folds
 
         # by name: the workers import torch and the evaluation code, this process need not
-        jobs = [(params, variants, fold) for fold in folds]
+        jobs = [(params, variants, fold, ".", seeds) for fold in folds]
         run_folds("simprop.evaluate.run:evaluate_fold_variants", jobs, params.evaluate.parallel_folds, [f"fold {f}" for f in folds])
         return 0
 
-    scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold)) if v is not None)
+    scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold), ("seed", args.seed)) if v is not None)
     return run_stage(f"evaluate{scope}", body, args.params)
 
 

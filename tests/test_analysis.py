@@ -169,7 +169,7 @@ def repo(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = build_model("simpropnet", ModelParams(**raw["model"]))
     identity = expected_identity(params_from_dict(raw), "simpropnet", 0, root)  # what training records
-    save_checkpoint(root / "models" / "simpropnet" / "fold0" / "best.pt", model, identity=identity, epoch=0,
+    save_checkpoint(root / "models" / "simpropnet" / "fold0" / "seed0" / "best.pt", model, identity=identity, epoch=0,
                     image_size=IMAGE_SIZE)  # fmt: skip
     return root
 
@@ -234,7 +234,7 @@ def test_error_similarity_without_a_checkpoint_fails_clearly(repo, tmp_path, cap
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     rc = analysis_error_similarity.main(["--params", str(tmp_path / "params.yaml"), "--root", str(repo)])
     assert rc == 2
-    assert "models/canet/fold0/best.pt: checkpoint not found; train canet first" in capsys.readouterr().err
+    assert "models/canet/fold0/seed0/best.pt: checkpoint not found; train canet first" in capsys.readouterr().err
 
 
 def test_error_overlap_stage_is_skipped_without_supervised_weights(repo, capsys):

@@ -222,7 +222,8 @@ from simprop.model.checkpoint import (  # noqa: E402  # noqa: E402
     splits_digest,
 )
 
-IDENTITY = CheckpointIdentity(variant="canet", fold=1, protocol="oslsm", backbone_sha256="ab" * 32, splits_sha256="cd" * 32)
+IDENTITY = CheckpointIdentity(variant="canet", fold=1, protocol="oslsm", backbone_sha256="ab" * 32, splits_sha256="cd" * 32,
+                              train_seed=0)  # fmt: skip
 
 
 def test_a_checkpoint_of_another_fold_names_the_file_what_it_holds_and_what_was_expected(tmp_path):
@@ -235,7 +236,7 @@ def test_a_checkpoint_of_another_fold_names_the_file_what_it_holds_and_what_was_
         load_checkpoint(path, expected=expected)
     message = str(info.value)
     assert str(path) in message
-    assert "holds a 'canet' model of fold 1 (protocol oslsm" in message
+    assert "holds a 'canet' model of fold 1, training seed 0 (protocol oslsm" in message
     assert "expected a 'canet' model of fold 0" in message
     assert "1 aeroplane" in message  # fold 0's test classes, seen by a fold-1 model in training
     assert "(dvc repro train, or python3 stages/train.py --variant canet --fold 0)" in message
@@ -248,6 +249,7 @@ def test_a_checkpoint_of_another_fold_names_the_file_what_it_holds_and_what_was_
         ("backbone_sha256", "ef" * 32, "frozen backbone 'abababababab' != expected 'efefefefefef'"),
         ("splits_sha256", "01" * 32, "fold's split lists"),
         ("variant", "dpr", "variant 'canet' != expected 'dpr'"),
+        ("train_seed", 2, "training seed 0 != expected 2"),  # another replicate of the same (variant, fold)
     ],
 )
 def test_every_part_of_the_identity_is_checked(tmp_path, field, value, phrase):
@@ -325,7 +327,7 @@ def test_training_state_is_plain_and_loads_with_weights_only(tmp_path):
     assert raw["iom_history"]["table"].shape == (3, 2, 4, 4)  # extra state to resume travels too
     state = load_training_state(path, CheckpointIdentity(variant="dpr", fold=0))
     assert state["fingerprint"] == "f" * 16 and "momentum_buffer" in next(iter(state["optimizer"]["state"].values()))
-    with pytest.raises(CheckpointError, match=r"last\.pt holds a 'dpr' model of fold 0 .* expected a 'dpr' model of fold 2"):
+    with pytest.raises(CheckpointError, match=r"last\.pt holds a 'dpr' model of fold 0, .* expected a 'dpr' model of fold 2"):
         load_training_state(path, CheckpointIdentity(variant="dpr", fold=2))
     torch.save({"epoch": 3, "fingerprint": "old"}, tmp_path / "old.pt")  # an older simprop's last.pt
     assert load_training_state(tmp_path / "old.pt", CheckpointIdentity(variant="dpr", fold=0)) is None
@@ -339,7 +341,7 @@ def test_a_truncated_last_pt_is_moved_aside_loudly_not_replaced(tmp_path, capsys
     from simprop.model.checkpoint import CheckpointIdentity
     from simprop.train.checkpointing import TrainingCheckpoints
 
-    layout = RunLayout(tmp_path, "dpr", 0)
+    layout = RunLayout(tmp_path, "dpr", 0, 0)
     layout.model_dir.mkdir(parents=True)
     checkpoints = TrainingCheckpoints(layout, CheckpointIdentity(variant="dpr", fold=0), "fingerprint", epochs=3)
     for attempt, aside in enumerate(["last.pt.corrupt", "last.pt.corrupt.1"]):

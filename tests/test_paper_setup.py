@@ -110,18 +110,18 @@ def test_paper_setup_trains_and_evaluates_both_variants(paper_repo):
     manifest = json.loads((repo / "data" / "features" / "manifest.json").read_text())
     assert manifest["enabled"] is False  # no feature cache: backbone features on the fly, as augmentation needs
     for variant in VARIANTS:
-        train = json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())
+        train = json.loads((repo / "metrics" / "train" / variant / "fold0" / "seed0.json").read_text())
         assert train["steps"] == 1
-        checkpoint = torch_load(repo / "models" / variant / "fold0" / "best.pt")
+        checkpoint = torch_load(repo / "models" / variant / "fold0" / "seed0" / "best.pt")
         assert checkpoint["model_params"]["channels"] == 256
-        record = json.loads((repo / "metrics" / "evaluate" / variant / "fold0.json").read_text())
+        record = json.loads((repo / "metrics" / "evaluate" / variant / "fold0" / "seed0.json").read_text())
         assert record["setup"] == "paper" and record["image_size"] == 321 and record["resolution"] == "original"
         assert record["class_sampling"] == "pairs" and record["void"] == "ignore"
         entry = record["shot1"]
         assert 0.0 <= entry["miou_mean"] <= 100.0 and entry["seed1"]["episodes"] == 2
         assert 1 <= entry["classes_scored"] <= 5 and entry["seed1"]["classes_in_mean"] == 5
         assert record["mismatched"]["seed1"]["episodes"] == 2  # the support-use control ran at 321 too
-        assert (repo / "outputs" / "evaluate" / variant / "fold0" / "qualitative.png").is_file()
+        assert (repo / "outputs" / "evaluate" / variant / "fold0" / "seed0" / "qualitative.png").is_file()
     tables = (repo / "reports" / "tables.md").read_text()
     assert "| setup | `paper` |" in tables and "network input 321x321" in tables
 

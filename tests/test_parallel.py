@@ -151,10 +151,13 @@ def test_parallel_folds_params_are_validated(tmp_path):
 
 def test_stage_jobs_are_the_params_lists_or_the_one_asked_for():
     params = load_params("params.yaml")
-    assert stage_jobs(params, None, None) == (list(params.train.variants), list(params.train.folds))
-    assert stage_jobs(params, "canet", None) == (["canet"], list(params.train.folds))
-    assert stage_jobs(params, None, 2) == (list(params.train.variants), [2])
-    assert stage_jobs(params, "canet", 2) == (["canet"], [2])
+    seeds = list(params.train.seeds)
+    assert stage_jobs(params, None, None) == (list(params.train.variants), list(params.train.folds), seeds)
+    assert stage_jobs(params, "canet", None) == (["canet"], list(params.train.folds), seeds)
+    assert stage_jobs(params, None, 2) == (list(params.train.variants), [2], seeds)
+    assert stage_jobs(params, "canet", 2, 1) == (["canet"], [2], [1])
+    with pytest.raises(ParamsError, match=r"train.seeds: training seed 9 is not in \[0, 1, 2\]"):
+        stage_jobs(params, "canet", 2, 9)
     with pytest.raises(ParamsError, match="nosuch"):
         stage_jobs(params, "nosuch", None)
     with pytest.raises(ParamsError, match=r"\(canet, fold 7\)"):

@@ -1,5 +1,6 @@
 """params.yaml validation: bad values fail before any work, naming the key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,29 @@ def test_stall_timeout_must_be_a_positive_number(value, phrase):
     raw["data"]["stall_timeout_s"] = value
     with pytest.raises(ParamsError, match=rf"data\.stall_timeout_s.*{phrase}"):
         params_from_dict(raw)
+
+
+def test_training_seeds_are_a_list_and_train_seed_is_set_per_replicate(tmp_path):
+    """Issue 26: train.seeds lists the training replicates; train.seed is derived per replicate, and
+    writing it in params.yaml says what to write instead."""
+    import yaml
+
+    from simprop.params import ParamsError, load_params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert params.train.seeds == (0, 1, 2) and params.train.seed == 0
+    assert params.for_seed(2).train.seed == 2 and params.for_seed(2).train.seeds == (0, 1, 2)
+    assert "seed" not in params.to_dict()["train"]
+    with pytest.raises(ParamsError, match=r"train.seeds: seed 7 is not in \[0, 1, 2\]"):
+        params.for_seed(7)
+    for value, message in (([], "give at least one training seed"), ([1, 1], "must be distinct"), ([-1], ">= 0")):
+        raw["train"]["seeds"] = value
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+        with pytest.raises(ParamsError, match=f"train.seeds: .*{re.escape(message)}"):
+            load_params(tmp_path / "p.yaml")
+    raw["train"]["seeds"] = [0]
+    raw["train"]["seed"] = 3
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"'train.seed' is not a params key: .*write train.seeds: \[N\]"):
+        load_params(tmp_path / "p.yaml")

@@ -29,6 +29,7 @@ from simprop.infra.parallel import threads_per_worker
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet"]
 FOLDS = [0, 1]  # two, so that the train and evaluate stages run their folds side by side (parallel_folds: 2)
+SEEDS = [0, 1]  # two training replicates: the report's spread over seeds and its claims intervals
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,7 @@ def tiny_params() -> dict:
     params["model"]["channels"] = 8
     params["train"].update(
         variants=VARIANTS, folds=FOLDS, epochs=2, iterations_per_epoch=3, batch_size=4, image_size=33,
-        lr=0.01, device="cpu",
+        lr=0.01, device="cpu", seeds=SEEDS,
     )  # fmt: skip
     params["evaluate"].update(image_size=33, batch_size=8, device="cpu")
     params["report"]["num_qualitative"] = 2
@@ -112,8 +113,8 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(pipeline):
     assert json.loads(status.stdout) == {}
     for variant in VARIANTS:
         for fold in FOLDS:
-            assert (pipeline / "models" / variant / f"fold{fold}" / "best.pt").is_file()
-            record = json.loads((pipeline / "metrics" / "evaluate" / variant / f"fold{fold}.json").read_text())
+            assert (pipeline / "models" / variant / f"fold{fold}" / "seed0" / "best.pt").is_file()
+            record = json.loads((pipeline / "metrics" / "evaluate" / variant / f"fold{fold}" / "seed0.json").read_text())
             for shot in (1, 5):
                 entry = record[f"shot{shot}"]
                 assert 0.0 <= entry["miou_mean"] <= 100.0
@@ -122,14 +123,24 @@ def test_repro_runs_every_stage_and_leaves_nothing_to_do(pipeline):
             assert 0.0 <= record["identical"]["miou"] <= 100.0
             assert record["reference"]["all_foreground_miou"] > 0.0
     for fold in FOLDS:  # scored once per fold by the evaluate stage, the same in every variant's record
-        matchers = [json.loads((pipeline / "metrics" / "evaluate" / v / f"fold{fold}.json").read_text())["matcher"]
+        matchers = [json.loads((pipeline / "metrics" / "evaluate" / v / f"fold{fold}" / "seed0.json").read_text())["matcher"]
                     for v in VARIANTS]  # fmt: skip
         assert all(m == matchers[0] for m in matchers) and set(matchers[0]) == {"shot1", "shot5"}
     tables = (pipeline / "reports" / "tables.md").read_text()
     assert "Table 3" in tables and "Table 4" in tables and "Table 5" in tables
     assert "54.86" in tables  # the paper's SimPropNet split-1 number sits beside ours
+    # every (variant, fold) was trained and evaluated once per training seed, and the report reads them all
+    for variant, fold, seed in ((v, f, s) for v in VARIANTS for f in FOLDS for s in SEEDS):
+        record = json.loads((pipeline / "metrics" / "evaluate" / variant / f"fold{fold}" / f"seed{seed}.json").read_text())
+        assert record["train_seed"] == seed
+        assert (pipeline / "models" / variant / f"fold{fold}" / f"seed{seed}" / "best.pt").is_file()
+    summary = json.loads((pipeline / "metrics" / "report.json").read_text())
+    assert summary["num_train_seeds"] == len(SEEDS)
+    lists = summary["claims_lists"]
+    assert sum(len(v) for v in lists.values()) == 9 and not lists["not run"]
+    assert "## The paper's claims" in tables and "**Undecided**" in tables
     shown = run([*DVC, "metrics", "show", "--json"], pipeline)
-    assert "metrics/evaluate/simpropnet/fold0.json" in shown.stdout
+    assert "metrics/evaluate/simpropnet/fold0/seed0.json" in shown.stdout
 
 
 def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
@@ -147,16 +158,19 @@ def test_every_train_and_evaluate_run_is_browsable_in_mlflow(pipeline):
         for stage in ("download", "augment", "splits", "episodes", "backbone", "features", "report",
                       "analysis_background", "analysis_error_similarity", "analysis_error_overlap"):
             assert any(tags(r).get("stage") == stage and r["info"]["status"] == "FINISHED" for r in runs), stage
-        for variant in VARIANTS:
-            for fold in FOLDS:
+        for variant, fold, seed in ((v, f, s) for v in VARIANTS for f in FOLDS for s in SEEDS):
                 for stage, metric in (("train", "best_val_miou"), ("evaluate", "shot1_miou_mean")):
                     found = [
                         r for r in runs
                         if tags(r).get("stage") == stage and tags(r).get("variant") == variant
-                        and tags(r).get("fold") == str(fold) and r["info"]["status"] == "FINISHED"
+                        and tags(r).get("fold") == str(fold) and tags(r).get("train_seed") == str(seed)
+                        and r["info"]["status"] == "FINISHED"
                     ]  # fmt: skip
-                    assert found, f"no finished {stage} run for {variant} fold {fold}"
+                    assert found, f"no finished {stage} run for {variant} fold {fold} seed {seed}"
                     run_info = found[0]
+                    # the replicates of a (variant, fold) are grouped by name and tag
+                    assert run_info["info"]["run_name"].startswith(f"{stage}/{variant}/fold{fold}/seed{seed}")
+                    assert tags(run_info)["replicate_group"] == f"{stage}/{variant}/fold{fold}"
                     metrics = {m["key"] for m in run_info["data"].get("metrics", [])}
                     assert metric in metrics
                     assert tags(run_info)["protocol"] == "oslsm"
@@ -252,7 +266,7 @@ def _evaluate_without(repo: Path, path: Path, tmp_path: Path) -> subprocess.Comp
 
 def test_missing_checkpoint_and_episode_file_give_clear_errors(pipeline, tmp_path):
     repo = pipeline
-    result = _evaluate_without(repo, repo / "models" / "fbaf" / "fold0" / "best.pt", tmp_path)
+    result = _evaluate_without(repo, repo / "models" / "fbaf" / "fold0" / "seed0" / "best.pt", tmp_path)
     assert result.returncode == 2
     assert "best.pt" in result.stderr and "does not exist" in result.stderr
 
@@ -261,14 +275,15 @@ def test_missing_checkpoint_and_episode_file_give_clear_errors(pipeline, tmp_pat
     assert "test_seed2.csv" in result.stderr
 
 
-def _mlflow_runs(repo: Path, stage: str, variant: str) -> list:
+def _mlflow_runs(repo: Path, stage: str, variant: str, seed: int = 0) -> list:
+    """The runs of ``stage`` for ``variant`` and training seed ``seed`` (the stages train every seed), newest first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("simprop")
     return client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.stage = '{stage}' and tags.variant = '{variant}'",
+        filter_string=f"tags.stage = '{stage}' and tags.variant = '{variant}' and tags.train_seed = '{seed}'",
         order_by=["attributes.start_time DESC"],
     )
 
@@ -280,7 +295,7 @@ def test_a_diverging_training_stops_with_a_clear_message_and_a_failed_run(pipeli
     params = yaml.safe_load(original)
     params["train"]["lr"] = 1e30
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    model_dir = repo / "models" / "dpr" / "fold0"
+    model_dir = repo / "models" / "dpr" / "fold0" / "seed0"
     saved = repo.parent / "dpr_fold0_saved"
     shutil.copytree(model_dir, saved)
     try:
@@ -299,7 +314,7 @@ def test_a_diverging_training_stops_with_a_clear_message_and_a_failed_run(pipeli
 
 def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
     repo = pipeline
-    model_dir = repo / "models" / "simpropnet" / "fold0"
+    model_dir = repo / "models" / "simpropnet" / "fold0" / "seed0"
     saved = repo.parent / "simpropnet_fold0_saved"
     shutil.copytree(model_dir, saved)
     params_path = repo / "params.yaml"
@@ -338,10 +353,10 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
         result = run([sys.executable, "stages/train.py", "--variant", "simpropnet", "--fold", "0"], repo)
         assert f"after completed epoch {killed_at}" in result.stdout
-        summary = json.loads((repo / "metrics" / "train" / "simpropnet" / "fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / "simpropnet" / "fold0" / "seed0.json").read_text())
         assert summary["resumed_from_epoch"] == killed_at + 1
         steps = [int(line.split(",")[0]) for line in
-                 (repo / "plots" / "train" / "loss" / "simpropnet" / "fold0.csv").read_text().splitlines()[1:]]  # fmt: skip
+                 (repo / "plots" / "train" / "loss" / "simpropnet" / "fold0" / "seed0.csv").read_text().splitlines()[1:]]  # fmt: skip
         assert steps == list(range((killed_at + 2) * 3)), "the loss curve must continue without gaps or repeats"
         assert json.loads(state_file.read_text())["completed_epochs"] == killed_at + 2
         # MLflow: the SIGKILLed run does not stay RUNNING, and the two runs name each other
@@ -359,7 +374,7 @@ def test_a_killed_training_resumes_from_its_last_completed_epoch(pipeline):
 
 
 def _loss_curve(repo: Path, variant: str) -> list[float]:
-    lines = (repo / "plots" / "train" / "loss" / variant / "fold0.csv").read_text().splitlines()[1:]
+    lines = (repo / "plots" / "train" / "loss" / variant / "fold0" / "seed0.csv").read_text().splitlines()[1:]
     return [float(line.split(",")[1]) for line in lines]
 
 
@@ -369,10 +384,10 @@ def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes
     process' curve (same samples, averaged gradients; dropout off so both are comparable)."""
     repo = pipeline
     variant = "dpr_fbaf"
-    model_dir = repo / "models" / variant / "fold0"
+    model_dir = repo / "models" / variant / "fold0" / "seed0"
     saved = repo.parent / f"{variant}_fold0_saved_ddp"
     shutil.copytree(model_dir, saved)
-    curve_path = repo / "plots" / "train" / "loss" / variant / "fold0.csv"
+    curve_path = repo / "plots" / "train" / "loss" / variant / "fold0" / "seed0.csv"
     saved_curve = curve_path.read_text()
     params_path = repo / "params.yaml"
     original = params_path.read_text()
@@ -393,7 +408,7 @@ def test_ddp_training_through_torchrun_matches_one_process_and_only_rank0_writes
         assert "torch.distributed.run" in result.stdout and "--nproc_per_node=2" in result.stdout
         double = _loss_curve(repo, variant)
         assert (model_dir / "best.pt").is_file() and (model_dir / "last.pt").is_file()
-        summary = json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / variant / "fold0" / "seed0.json").read_text())
         assert summary["processes"] == 2 and summary["steps"] == 6
         runs = _mlflow_runs(repo, "train", variant)
         assert len(runs) == runs_before + 1, "rank 1 must not open an MLflow run"
@@ -460,7 +475,7 @@ def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
     repo = pipeline
     variant = "fbaf"
     keep = {
-        repo / "models" / variant / "fold0": repo.parent / "stale_model",
+        repo / "models" / variant / "fold0" / "seed0": repo.parent / "stale_model",
         repo / "backbone": repo.parent / "stale_backbone",
         repo / "data" / "features": repo.parent / "stale_features",
     }
@@ -478,7 +493,7 @@ def test_a_rebuilt_backbone_never_resumes_a_stale_checkpoint(pipeline):
         result = run([sys.executable, "stages/train.py", "--variant", variant, "--fold", "0"], repo)
         assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
         assert "resuming" not in result.stdout
-        summary = json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())
+        summary = json.loads((repo / "metrics" / "train" / variant / "fold0" / "seed0.json").read_text())
         assert summary["steps"] == 6 and summary["resumed_from_epoch"] is None
     finally:
         params_path.write_text(original)
@@ -494,10 +509,10 @@ def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_
     of the training code never resumes the old last.pt."""
     repo = pipeline
     variant = "dpr"
-    model_dir = repo / "models" / variant / "fold0"
+    model_dir = repo / "models" / variant / "fold0" / "seed0"
     saved = repo.parent / "dpr_fold0_saved_rerun"
     shutil.copytree(model_dir, saved)
-    curves = [repo / "plots" / "train" / kind / variant / "fold0.csv" for kind in ("loss", "val")]
+    curves = [repo / "plots" / "train" / kind / variant / "fold0" / "seed0.csv" for kind in ("loss", "val")]
     contents = [c.read_text() for c in curves]
     losses = repo / "simprop" / "model" / "losses.py"
     code = losses.read_text()
@@ -512,7 +527,7 @@ def test_a_finished_training_rerun_rewrites_its_outputs_and_changed_code_starts_
         losses.write_text(code + "\n# a change to the training code\n")
         result = run(cmd, repo)
         assert "was trained with other params, data, backbone or code; starting from scratch" in result.stdout
-        assert json.loads((repo / "metrics" / "train" / variant / "fold0.json").read_text())["resumed_from_epoch"] is None
+        assert json.loads((repo / "metrics" / "train" / variant / "fold0" / "seed0.json").read_text())["resumed_from_epoch"] is None
     finally:
         losses.write_text(code)
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -545,8 +560,8 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
     import torch
 
     repo = pipeline
-    best = repo / "models" / "canet" / "fold0" / "best.pt"
-    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0.json"
+    best = repo / "models" / "canet" / "fold0" / "seed0" / "best.pt"
+    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0" / "seed0.json"
     before = metrics.read_bytes()
     payload = torch.load(best, weights_only=True)
     identity = payload.get("identity") or {}  # recorded by training (checked at the end)
@@ -565,7 +580,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_fold(pipeline):
     assert result.returncode == 2, result.stdout[-2000:]
     err = result.stderr
     assert "Traceback" not in err
-    assert "models/canet/fold0/best.pt holds a 'canet' model of fold 1" in err
+    assert "models/canet/fold0/seed0/best.pt holds a 'canet' model of fold 1, training seed 0" in err
     assert "expected a 'canet' model of fold 0" in err and "fold 1 != expected 0" in err
     assert "1 aeroplane" in err  # what the fold-1 model has seen in training
     assert identity, "training records the checkpoint's identity"
@@ -585,7 +600,7 @@ def test_evaluate_refuses_a_tampered_episode_file(pipeline, edit, rule):
     repo = pipeline
     episodes = repo / "data" / "episodes" / "fold0" / "test_seed1.csv"
     other = (repo / "data" / "splits" / "fold1" / "test.csv").read_text().splitlines()[1].split(",")[0]
-    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0.json"
+    metrics = repo / "metrics" / "evaluate" / "canet" / "fold0" / "seed0.json"
     before = metrics.read_bytes()
 
     def write(path: Path) -> None:
@@ -628,7 +643,7 @@ def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage, writer):
 
     repo = pipeline
     marker = repo.parent / f"code-ran-{name}-{writer}"
-    path = repo / "models" / "dpr" / "fold0" / name
+    path = repo / "models" / "dpr" / "fold0" / "seed0" / name
     save = torch.save if writer == "torch.save" else _plain_pickle
     saved = _swap_in(path, lambda p: save({"epoch": 1, "model": _RunsCode(marker)}, p))
     try:
@@ -638,7 +653,7 @@ def test_a_crafted_checkpoint_runs_no_code(pipeline, name, stage, writer):
     assert not marker.exists(), "the pickled command ran"
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert f"models/dpr/fold0/{name} is not a safe checkpoint" in result.stderr
+    assert f"models/dpr/fold0/seed0/{name} is not a safe checkpoint" in result.stderr
     assert "Nothing in it was run" in result.stderr
     advice = ("weights_only=False", "`weights_only` set to `False`", "safe_globals")  # torch's, never passed on
     assert not any(a in result.stderr + result.stdout for a in advice)
@@ -720,7 +735,7 @@ def test_both_training_curves_and_the_experiment_kind_are_served_over_rest(pipel
         seen = set()
         for found in runs:
             run_tags = {t["key"]: t["value"] for t in found["data"]["tags"]}
-            name = f"fold{run_tags['fold']}.csv"
+            name = f"seed{run_tags['train_seed']}.csv"  # one folder per curve and run: the replicate's seed
             listed = {}
             for kind in ("loss", "val"):
                 files = server.get("/api/2.0/mlflow/artifacts/list", run_id=found["info"]["run_id"],

@@ -152,3 +152,43 @@ def test_the_trainings_of_a_fold_share_its_pca_and_encoded_features_and_train_th
     with torch.no_grad():
         other.model.projection[0].bias.add_(1.0)
     assert shared.encoded(other.model.projection, other.cache, other.device, gray=False) is not computed[0]
+
+
+def test_the_replicates_of_a_fold_train_as_they_would_alone(feature_cache_tree):
+    """Issue 26: the train stage trains a fold's training seeds (``train.seeds``) in turn in one
+    process, sharing what they compute alike (FoldShared): each replicate starts, draws its samples
+    and steps exactly as a lone training of its seed, and two seeds are two different trainings."""
+    from simprop.train.batches import dropout_seed, epoch_order
+    from simprop.train.shared import FoldShared
+
+    params, root, _ = feature_cache_tree(
+        model={"channels": 8},
+        train={"image_size": 33, "batch_size": 4, "augment": False, "device": "cpu", "projection_init": "pca",
+               "projection_lr_scale": 0.0, "epochs": 1, "iterations_per_epoch": 2, "val_every": 1,
+               "seeds": (0, 1)},  # fmt: skip
+    )
+    shared = FoldShared(gray=True)
+    first = {}
+    for seed in params.train.seeds:
+        replicate = params.for_seed(seed)
+        alone = Trainer(replicate, "simpropnet", 0, root)
+        together = Trainer(replicate, "simpropnet", 0, root, shared=shared)
+        assert together.paths.best.parent.name == f"seed{seed}"
+        assert together.checkpoints.identity.train_seed == seed
+        for (name, a), b in zip(alone.model.state_dict().items(), together.model.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert torch.equal(alone.encoded.color, together.encoded.color)
+        pairs = [int(i) for i in epoch_order(seed, 0, len(alone.pairs), 4)]
+        batch_alone = alone.batches.build(0, [0, 1, 2, 3], pairs, 0.25)
+        batch_together = together.batches.build(0, [0, 1, 2, 3], pairs, 0.25)
+        for key, value in batch_alone.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, batch_together[key]), key
+        torch.manual_seed(dropout_seed(seed, 0, 0))
+        loss_alone = alone._step(batch_alone)
+        torch.manual_seed(dropout_seed(seed, 0, 0))
+        assert together._step(batch_together) == loss_alone
+        first[seed] = (together.model.decoder.classifier.weight.detach().clone(), pairs, loss_alone)
+    # another seed: another initialisation, another sample order, another first loss
+    assert not torch.equal(first[0][0], first[1][0])
+    assert first[0][1] != first[1][1] and first[0][2] != first[1][2]

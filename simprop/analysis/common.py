@@ -76,7 +76,8 @@ def load_trained_model(checkpoint: Path, variant: str, device, expected=None):
 
 
 def expected_checkpoint(params, root: Path):
-    """What the analysed checkpoint (``analysis.variant`` / ``analysis.fold``) must have been trained as."""
+    """What the analysed checkpoint (``analysis.variant`` / ``analysis.fold``, the replicate of the
+    first training seed of ``train.seeds``) must have been trained as."""
 
     return expected_identity(params, params.analysis.variant, params.analysis.fold, root)
 

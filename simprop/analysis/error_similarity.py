@@ -50,7 +50,7 @@ PAPER_MEAN, PAPER_STD = 0.87, 0.25
 
 
 def checkpoint_path(params, root: Path) -> Path:
-    return RunLayout(root, params.analysis.variant, params.analysis.fold).best
+    return RunLayout(root, params.analysis.variant, params.analysis.fold, params.train.seed).best
 
 
 def test_pairs(params, root: Path, rng: np.random.Generator) -> list[tuple[int, str, str]]:

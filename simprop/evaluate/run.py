@@ -162,32 +162,37 @@ def qualitative_rows(params: Params, runner: EpisodeRunner, fold: int, root: Pat
     return rows
 
 
-def evaluate_fold_variants(params: Params, variants: list[str], fold: int, root: Path | str = ".") -> list[dict]:
-    """The ``evaluate`` stage's job for one fold: every variant of ``variants`` in turn, each in
-    its own MLflow run (:func:`evaluate_fold`); the prototype matcher, which has no parameters,
-    is scored once for the fold and its numbers go into every variant's record and run.
-    Module-level so that :func:`simprop.infra.parallel.run_folds` can run it in a worker process."""
+def evaluate_fold_variants(params: Params, variants: list[str], fold: int, root: Path | str = ".",
+                           seeds: list[int] | None = None) -> list[dict]:  # fmt: skip
+    """The ``evaluate`` stage's job for one fold: every training replicate (seed of ``seeds``,
+    default ``train.seeds``) of every variant of ``variants`` in turn, each in its own MLflow run
+    (:func:`evaluate_fold`); the prototype matcher, which has no parameters, is scored once for
+    the fold and its numbers go into every replicate's record and run.  Module-level so that
+    :func:`simprop.infra.parallel.run_folds` can run it in a worker process."""
     records, matcher = [], None
-    for variant in variants:
-        records.append(evaluate_fold(params, variant, fold, root, matcher_record=matcher))
-        matcher = records[-1]["matcher"]
+    for seed in list(params.train.seeds) if seeds is None else seeds:
+        for variant in variants:
+            records.append(evaluate_fold(params.for_seed(seed), variant, fold, root, matcher_record=matcher))
+            matcher = records[-1]["matcher"]
     return records
 
 
 def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".",
                   matcher_record: dict | None = None) -> dict:  # fmt: skip
-    """One (variant, fold) evaluation of the ``evaluate`` stage, in its own MLflow run.
+    """One (variant, fold) evaluation of training replicate ``params.train.seed`` (:meth:`Params.for_seed`)
+    in the ``evaluate`` stage, in its own MLflow run.
 
-    Scores the selected checkpoint (``models/<variant>/fold<i>/best.pt``) on every test set and
-    shot count with the support-use controls (:func:`evaluate_model`); writes
-    ``metrics/evaluate/<variant>/fold<i>.json`` and ``outputs/evaluate/<variant>/fold<i>/qualitative.png``.
+    Scores the selected checkpoint (``models/<variant>/fold<i>/seed<s>/best.pt``) on every test set
+    and shot count with the support-use controls (:func:`evaluate_model`); writes
+    ``metrics/evaluate/<variant>/fold<i>/seed<s>.json`` and ``outputs/evaluate/<variant>/fold<i>/seed<s>/qualitative.png``.
     ``matcher_record``: the fold's matcher entries when an earlier variant of the fold scored them
     (:func:`evaluate_fold_variants`), else they are scored here.
     """
 
     root = Path(root)
     device = resolve_device(params.evaluate.device, "evaluate.device")
-    paths = RunLayout(root, variant, fold)
+    seed = params.train.seed
+    paths = RunLayout(root, variant, fold, seed)
     untrained = build_model(variant, params.model, init_seed=params.train.seed).to(device).eval()
     # the checkpoint must be this stage's: variant, fold, protocol, backbone and fold lists
     # (not the training code's digest: see simprop/model/checkpoint.py)
@@ -196,16 +201,17 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
     cache = open_feature_cache(params, root, params.evaluate.image_size, model.backbone.checksum())
     out, figure = paths.evaluate_metrics, paths.qualitative
     shots = ",".join(str(s) for s in params.evaluate.shots)
-    with stage_run("evaluate", params, variant=variant, fold=fold, shots=shots) as run:
+    with stage_run("evaluate", params, variant=variant, fold=fold, shots=shots, seed=seed) as run:
         run.set_tags({"checkpoint_epoch": meta.get("epoch"), "checkpoint_val_miou": meta.get("val_miou"),
                       "torch_threads": torch.get_num_threads()})  # fmt: skip
         record, runner = evaluate_model(params, model, variant, fold, root, device, cache, untrained=untrained,
                                         log=run.log_metrics, matcher_record=matcher_record)  # fmt: skip
+        record["train_seed"] = seed
         record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
         write_json(out, record)
         rows = qualitative_rows(params, runner, fold, root, params.report.num_qualitative)
         if rows:
-            save_qualitative(rows, figure, title=f"{variant}, {params.splits.protocol} fold {fold}, 1-shot")
+            save_qualitative(rows, figure, title=f"{variant}, {params.splits.protocol} fold {fold}, seed {seed}, 1-shot")
         else:
             figure.parent.mkdir(parents=True, exist_ok=True)
         for shot in params.evaluate.shots:
@@ -223,5 +229,5 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
         if figure.is_file():
             run.log_artifact(figure)
     summary = ", ".join(f"{s}-shot mIoU {record[f'shot{s}']['miou_mean']:.2f}" for s in params.evaluate.shots)
-    print(f"{variant} fold {fold}: {summary}", flush=True)
+    print(f"{variant} fold {fold} seed {seed}: {summary}", flush=True)
     return record

@@ -25,8 +25,8 @@ from simprop.params import Params, load_params
 def stage_parser(doc: str, *, jobs: bool = False, root: bool = False) -> argparse.ArgumentParser:
     """The command line every stage script shares: ``--params`` (default ``params.yaml``); with
     ``root``, ``--root`` (the repository root its inputs and outputs live under); with ``jobs``,
-    ``--variant`` and ``--fold`` (both optional: one (variant, fold) of the ``train`` /
-    ``evaluate`` matrix).  A stage that needs one more option adds it to the parser."""
+    ``--variant``, ``--fold`` and ``--seed`` (all optional: one (variant, fold, training seed) of
+    the ``train`` / ``evaluate`` matrix).  A stage that needs one more option adds it to the parser."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     if root:
@@ -34,6 +34,7 @@ def stage_parser(doc: str, *, jobs: bool = False, root: bool = False) -> argpars
     if jobs:
         parser.add_argument("--variant", help="only this variant (default: every variant of train.variants)")
         parser.add_argument("--fold", type=int, help="only this fold (default: every fold of train.folds)")
+        parser.add_argument("--seed", type=int, help="only this training seed (default: every seed of train.seeds)")
     return parser
 
 
@@ -60,14 +61,19 @@ def under_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def stage_jobs(params: Params, variant: str | None, fold: int | None) -> tuple[list[str], list[int]]:
-    """The variants and folds a ``train`` / ``evaluate`` run covers: ``variant`` / ``fold`` alone,
-    or every one of ``train.variants`` / ``train.folds``; what is asked for must be in those lists."""
+def stage_jobs(params: Params, variant: str | None, fold: int | None,
+               seed: int | None = None) -> tuple[list[str], list[int], list[int]]:  # fmt: skip
+    """The variants, folds and training seeds a ``train`` / ``evaluate`` run covers: ``variant`` /
+    ``fold`` / ``seed`` alone, or every one of ``train.variants`` / ``train.folds`` /
+    ``train.seeds``; what is asked for must be in those lists."""
     if (variant is not None and variant not in params.train.variants) or (fold is not None and fold not in params.train.folds):
         what = variant if fold is None else f"fold {fold}" if variant is None else f"({variant}, fold {fold})"
         raise ParamsError(f"train.variants/train.folds: {what} is not in the params lists")
+    if seed is not None and seed not in params.train.seeds:
+        raise ParamsError(f"train.seeds: training seed {seed} is not in {list(params.train.seeds)}")
     variants = list(params.train.variants) if variant is None else [variant]
-    return variants, (list(params.train.folds) if fold is None else [fold])
+    seeds = list(params.train.seeds) if seed is None else [seed]
+    return variants, (list(params.train.folds) if fold is None else [fold]), seeds
 
 
 def run_stage(name: str, body: Callable[[Params], int | None], params_path: str | Path = "params.yaml") -> int:

@@ -12,7 +12,7 @@ checked:
   (:class:`CheckpointIdentity`): variant, fold, protocol, the sha256 of the frozen backbone and
   of the fold's split lists.  A caller states what it expects (``expected=``) and any difference
   is a :class:`CheckpointError` naming the file, what it holds and what was expected - a fold-1
-  model copied over ``models/canet/fold0/best.pt`` was trained on fold 0's test classes and must
+  model copied over ``models/canet/fold0/seed0/best.pt`` was trained on fold 0's test classes and must
   never be scored as fold 0.
 * **Backbone.** The frozen backbone is not stored (it is rebuilt from ``model.backbone_weights`` /
   ``model.backbone_seed``); a sha256 of its tensors guards against rebuilding a different one
@@ -80,12 +80,15 @@ class CheckpointIdentity:
     protocol: str | None = None
     backbone_sha256: str | None = None
     splits_sha256: str | None = None
+    train_seed: int | None = None  # the training replicate (train.seeds); None in older checkpoints
 
     def describe(self) -> str:
         """``a 'canet' model of fold 1 (protocol oslsm, backbone sha256 1a2b3c4d5e6f, fold lists sha256 9f8e7d6c5b4a)``."""
         head = f"a {self.variant!r} model" if self.variant is not None else "a model"
         if self.fold is not None:
             head += f" of fold {self.fold}"
+        if self.train_seed is not None:
+            head += f", training seed {self.train_seed}"
         extra = [
             f"{label} {value[:12] if label.endswith('sha256') else value}"
             for label, value in (
@@ -102,6 +105,7 @@ class CheckpointIdentity:
         labels = {
             "variant": "variant", "fold": "fold", "protocol": "protocol",
             "backbone_sha256": "frozen backbone", "splits_sha256": "fold's split lists",
+            "train_seed": "training seed",
         }  # fmt: skip
         out = []
         for name, label in labels.items():
@@ -163,6 +167,7 @@ def expected_identity(params, variant: str, fold: int, root: str | os.PathLike =
         protocol=params.splits.protocol,
         backbone_sha256=backbone_sha256,
         splits_sha256=splits_digest(Path(root) / params.data.root, fold),
+        train_seed=int(params.train.seed),
     )
 
 

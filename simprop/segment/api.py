@@ -4,7 +4,7 @@ This is the Python API behind ``simprop segment``::
 
     from simprop.segment.api import segment
     results = segment(
-        "models/simpropnet/fold0/best.pt",
+        "models/simpropnet/fold0/seed0/best.pt",
         supports=[("cat1.jpg", "cat1_mask.png"), ("cat2.jpg", "cat2_mask.png")],
         queries="my_photos/",          # a folder, one path or a list of paths
         out_dir="out/",

@@ -50,7 +50,7 @@ def load_model(checkpoint: str | Path, device, variant: str | None = None, fold:
     except Exception as exc:  # noqa: BLE001 - any other failure to load is one clear error too
         raise SegmentError(
             f"{checkpoint}: cannot load the checkpoint ({type(exc).__name__}: {exc}); give a "
-            "models/<variant>/fold<i>/best.pt written by the train stage"
+            "models/<variant>/fold<i>/seed<s>/best.pt written by the train stage"
         ) from exc
     if not meta.get("image_size"):
         raise SegmentError(f"{checkpoint}: the checkpoint records no image_size; re-save it with the train stage")

@@ -38,6 +38,9 @@ def run_fingerprint(params: Params, variant: str, fold: int, inputs: dict[str, s
     or changed code never resumes a stale checkpoint.
     """
     train = params.to_dict()["train"]
+    # this replicate's seed, not the list: adding a seed to train.seeds resumes the others
+    train.pop("seeds")
+    train["seed"] = params.train.seed
     # raising the epoch count continues a constant-lr run; a poly schedule depends on it
     for key in ("device", "processes", "parallel_folds", "variants", "folds") + (("epochs",) if params.train.lr_schedule == "constant" else ()):
         train.pop(key)
@@ -106,7 +109,7 @@ class TrainingCheckpoints:
         if not last.is_file():
             return 0, fresh
         try:
-            state = load_training_state(last, CheckpointIdentity(variant=variant, fold=fold))
+            state = load_training_state(last, CheckpointIdentity(variant=variant, fold=fold, train_seed=self.paths.seed))
         except CorruptCheckpointError as exc:  # truncated or damaged (the atomic replace never tears it):
             aside = _move_aside(last)  # kept for inspection, never silently replaced
             print(f"warning: {exc}; moved it to {aside} and starting {variant} fold {fold} from scratch",

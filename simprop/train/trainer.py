@@ -72,7 +72,8 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 
 class Trainer:
-    """Trains ``variant`` on ``fold``; :meth:`run` returns the training summary.
+    """Trains ``variant`` on ``fold`` with training seed ``params.train.seed`` (one replicate of
+    ``train.seeds``: :meth:`simprop.params.Params.for_seed`); :meth:`run` returns the training summary.
 
     The parts, each on one screen: set-up here (data, network, features, checkpoints,
     precision), the samples in :class:`~simprop.train.batches.BatchBuilder`, one SGD step in
@@ -91,7 +92,8 @@ class Trainer:
                 f"{self.dist.world_size} torchrun processes; use a multiple of the process count"
             )
         self.spec = VARIANT_SPECS[variant]
-        self.paths = RunLayout(self.root, variant, fold)
+        self.seed = tp.seed
+        self.paths = RunLayout(self.root, variant, fold, tp.seed)
         self.device = init_process_group(self.dist, resolve_device(tp.device, "train.device"))
         # 1. the fold's data: training pairs, validation episodes, images
         self.data = DataPaths(self.root / params.data.root)
@@ -127,7 +129,6 @@ class Trainer:
             }),
             epochs=tp.epochs,
         )  # fmt: skip
-        self.identity, self.fingerprint = self.checkpoints.identity, self.checkpoints.fingerprint
         # 6. precision, memory layout, and the DDP wrapper that averages the trainable layers'
         #    gradients over the processes (the frozen backbone is skipped)
         warning = amp_warning(self.device, tp.amp)
@@ -292,6 +293,7 @@ class Trainer:
         summary = {
             "variant": self.variant,
             "fold": self.fold,
+            "train_seed": self.seed,
             "epochs": self.params.train.epochs,
             "best_val_miou": history["best_val_miou"],
             "best_epoch": history["best_epoch"],

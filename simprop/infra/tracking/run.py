@@ -228,12 +228,13 @@ def stage_run(
     variant: str | None = None,
     fold: int | None = None,
     shots: Any = None,
+    seed: int | None = None,
     extra_tags: Mapping[str, Any] | None = None,
     repo_root: str | os.PathLike | None = None,
 ) -> Iterator[StageRun]:
     """Open the MLflow run of one stage execution; close it FINISHED, or FAILED on an exception.
 
-    The run is named e.g. ``train/simpropnet/fold0`` in experiment ``params.tracking.experiment``
+    The run is named e.g. ``train/simpropnet/fold0/seed1`` (``seed``: the training replicate) in experiment ``params.tracking.experiment``
     (created with its artifact location under the original repo root), tagged per the tracking
     contract (:func:`stage_tags`) and given every flattened param (``params.flat()``); the
     composed params are also stored as the artifact ``params.yaml``.  An exception propagates
@@ -249,9 +250,9 @@ def stage_run(
         with span("mlflow_setup"), mlflow_write(held="keep"):
             client, experiment_id = open_store(uri, params.tracking.experiment, artifacts,
                                                  params.tracking.connect_timeout_s)
-            name = run_name(stage, variant, fold, shots)
+            name = run_name(stage, variant, fold, shots, seed)
             key = stage_key(name, root)
-            tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, extra_tags=extra_tags)
+            tags = stage_tags(stage, params, variant=variant, fold=fold, shots=shots, seed=seed, extra_tags=extra_tags)
             tags.update({"stage_key": key[:MAX_TAG_VALUE], "process": process_token()})
             info = client.create_run(experiment_id, run_name=name, tags=tags).info
         try:

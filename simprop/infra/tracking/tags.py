@@ -74,13 +74,16 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
     return os.environ.get("DVC_EXP_BASELINE_REV") or "unknown"
 
 
-def run_name(stage: str, variant: str | None = None, fold: int | None = None, shots: Any = None) -> str:
-    """``train/simpropnet/fold0``, ``evaluate/canet/fold2/5shot``, ``report``."""
+def run_name(stage: str, variant: str | None = None, fold: int | None = None, shots: Any = None,
+             seed: int | None = None) -> str:  # fmt: skip
+    """``train/simpropnet/fold0/seed1``, ``evaluate/canet/fold2/seed0/1,5shot``, ``report``."""
     parts = [stage]
     if variant is not None:
         parts.append(str(variant))
     if fold is not None:
         parts.append(f"fold{fold}")
+    if seed is not None:
+        parts.append(f"seed{seed}")
     if shots is not None:
         parts.append(f"{_join(shots)}shot")
     return "/".join(parts)
@@ -93,18 +96,23 @@ def _join(value: Any) -> str:
 
 
 def stage_tags(stage: str, params: "Params", *, variant: str | None = None, fold: int | None = None, shots: Any = None,
-               extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:  # fmt: skip
-    """The tags of the tracking contract.  ``variant/fold/shots`` not given -> ``"all"``."""
+               seed: int | None = None, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:  # fmt: skip
+    """The tags of the tracking contract.  ``variant/fold/shots`` not given -> ``"all"``; ``seed``
+    (one training replicate) not given -> ``train_seed`` lists ``train.seeds``.  The replicates of a
+    (variant, fold) share the tag ``replicate_group`` (``train/simpropnet/fold0``): search
+    ``tags.replicate_group = '...'`` in the UI to see them together."""
     commit = git_commit()
+    train_seed = str(seed) if seed is not None else _join(params.train.seeds)
     tags = {
         "stage": stage,
         "variant": "all" if variant is None else str(variant),
         "fold": "all" if fold is None else str(fold),
         "shots": "all" if shots is None else _join(shots),
         "protocol": params.splits.protocol,
-        "seeds": f"test={_join(params.episodes.test_seeds)};train={params.train.seed}",
+        "seeds": f"test={_join(params.episodes.test_seeds)};train={train_seed}",
         "test_seeds": _join(params.episodes.test_seeds),
-        "train_seed": str(params.train.seed),
+        "train_seed": train_seed,
+        "train_seeds": _join(params.train.seeds),
         "episodes": str(params.episodes.num_episodes),
         "eval_resolution": params.evaluate.resolution,
         "eval_void": params.evaluate.void,
@@ -118,6 +126,8 @@ def stage_tags(stage: str, params: "Params", *, variant: str | None = None, fold
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "mlflow.source.git.commit": commit,
     }
+    if seed is not None and variant is not None and fold is not None:
+        tags["replicate_group"] = f"{stage}/{variant}/fold{fold}"
     for key, value in (extra_tags or {}).items():
         tags[sanitize_key(key)] = _join(value)
     return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
