@@ -28,14 +28,16 @@ from simprop.report.tables import CSV_COLUMNS  # noqa: E402
 from simprop.voc import class_name, fold_classes  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SEED_OFFSETS = (-1.0, 0.0, 1.0)  # per-seed offsets: mean 0, sample std exactly 1
+SEED_OFFSETS = (-1.0, 0.0, 1.0)  # per-test-set offsets: mean 0, sample std exactly 1
+TRAIN_OFFSETS = {0: -2.0, 1: 0.0, 2: 2.0}  # per-training-seed offsets: mean 0, sample std exactly 2
 
 
-def make_params(variants=("canet", "simpropnet"), folds=(0, 1, 2, 3), shots=(1, 5)) -> Params:
+def make_params(variants=("canet", "simpropnet"), folds=(0, 1, 2, 3), shots=(1, 5), seeds=(0, 1, 2)) -> Params:
     p = Params()
     return dataclasses.replace(
         p,
-        train=dataclasses.replace(p.train, variants=tuple(variants), folds=tuple(folds)),
+        train=dataclasses.replace(p.train, variants=tuple(variants), folds=tuple(folds), seeds=tuple(seeds),
+                                  seed=seeds[0]),  # fmt: skip
         evaluate=dataclasses.replace(p.evaluate, shots=tuple(shots)),
     )
 
@@ -46,52 +48,53 @@ def planned_miou(variant: str, fold: int, shots: int) -> float:
     return ref.split(fold) + 0.1 * fold
 
 
-def fake_evaluate_record(params: Params, variant: str, fold: int) -> dict:
+def fake_evaluate_record(params: Params, variant: str, fold: int, train_seed: int = 0) -> dict:
+    shift = TRAIN_OFFSETS[train_seed]
     record = {
-        "variant": variant, "fold": fold, "protocol": params.splits.protocol,
+        "variant": variant, "fold": fold, "train_seed": train_seed, "protocol": params.splits.protocol,
         "episodes": params.episodes.num_episodes, "seeds": list(params.episodes.test_seeds),
         "resolution": params.evaluate.resolution, "image_size": params.evaluate.image_size,
     }  # fmt: skip
     for shots in params.evaluate.shots:
-        mean = planned_miou(variant, fold, shots)
+        mean = planned_miou(variant, fold, shots) + shift
         entry = {}
         seeds = []
         for seed, off in zip(params.episodes.test_seeds, SEED_OFFSETS):
             # per-class IoUs: class k of the fold gets 10*k + fold (very different values)
-            class_iou = {class_name(c): 10.0 * (i + 1) + fold + off for i, c in enumerate(fold_classes(fold))}
+            class_iou = {class_name(c): 10.0 * (i + 1) + fold + off + shift for i, c in enumerate(fold_classes(fold))}
             entry[f"seed{seed}"] = {"miou": mean + off, "fbiou": 60.0 + off, "class_iou": class_iou}
             seeds.append(mean + off)
         entry.update(
             miou_mean=float(np.mean(seeds)), miou_std=float(np.std(seeds, ddof=1)), fbiou_mean=60.0, fbiou_std=1.0
         )
         record[f"shot{shots}"] = entry
-    ident = (paper.TABLE5.get(variant) or paper.TABLE4[variant]).split(fold) - 2.0
+    ident = (paper.TABLE5.get(variant) or paper.TABLE4[variant]).split(fold) - 2.0 + shift
     record["identical"] = {"miou": ident, "fbiou": 70.0}
     record["reference"] = {"all_foreground_miou": 20.0 + fold, "untrained_miou": 5.0}
     return record
 
 
 def write_run(root: Path, params: Params, variant: str, fold: int, curves: bool = True) -> None:
-    path = RunLayout(root, variant, fold).evaluate_metrics
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(fake_evaluate_record(params, variant, fold)))
-    train = root / "metrics" / "train" / variant / f"fold{fold}.json"
-    train.parent.mkdir(parents=True, exist_ok=True)
-    train.write_text(json.dumps({"variant": variant, "fold": fold, "epochs": 3, "best_val_miou": 40.0 + fold,
-                                 "best_epoch": 2, "final_loss": 0.3, "first_loss": 0.7, "wall_time_s": 12.5}))
-    if not curves:
-        return
-    plots = root / "plots" / "train"
-    loss, val = plots / "loss" / variant / f"fold{fold}.csv", plots / "val" / variant / f"fold{fold}.csv"
-    for p in (loss, val):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    steps = np.arange(120)
-    pd.DataFrame({"step": steps, "loss": 0.7 * np.exp(-steps / 60) + 0.05}).to_csv(loss, index=False)
-    pd.DataFrame({"epoch": [0, 1, 2], "val_miou": [30.0, 38.0, 40.0 + fold]}).to_csv(val, index=False)
+    """The metrics (and curves) of every training seed of ``params`` of (variant, fold)."""
+    for seed in params.train.seeds:
+        layout = RunLayout(root, variant, fold, seed)
+        layout.evaluate_metrics.parent.mkdir(parents=True, exist_ok=True)
+        layout.evaluate_metrics.write_text(json.dumps(fake_evaluate_record(params, variant, fold, seed)))
+        layout.train_metrics.parent.mkdir(parents=True, exist_ok=True)
+        layout.train_metrics.write_text(json.dumps({
+            "variant": variant, "fold": fold, "train_seed": seed, "epochs": 3, "best_val_miou": 40.0 + fold,
+            "best_epoch": 2, "final_loss": 0.3, "first_loss": 0.7, "wall_time_s": 12.5}))  # fmt: skip
+        if not curves:
+            continue
+        for p in (layout.loss_curve, layout.val_curve):
+            p.parent.mkdir(parents=True, exist_ok=True)
+        steps = np.arange(120)
+        pd.DataFrame({"step": steps, "loss": 0.7 * np.exp(-steps / 60) + 0.05}).to_csv(layout.loss_curve, index=False)
+        pd.DataFrame({"epoch": [0, 1, 2], "val_miou": [30.0, 38.0, 40.0 + fold + seed]}).to_csv(layout.val_curve, index=False)
 
 
 def write_panel(root: Path, variant: str, fold: int, colour) -> None:
-    path = root / "outputs" / "evaluate" / variant / f"fold{fold}" / "qualitative.png"
+    path = RunLayout(root, variant, fold, 0).qualitative
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (400, 120), colour).save(path)
 
@@ -122,16 +125,18 @@ def test_table3_cells_against_paper(built):
     assert rows[0] == ["method", "shots", "", "split-1", "split-2", "split-3", "split-4", "mean"]
     i = next(i for i, r in enumerate(rows) if r[0].startswith("SimPropNet") and r[1] == "1")
     ours, ref, delta = rows[i], rows[i + 1], rows[i + 2]
-    assert ours[2:] == ["ours", "54.86 ± 1.00", "67.43 ± 1.00", "54.72 ± 1.00", "52.32 ± 1.00", "57.33 ± 1.00"]
+    # mean ± std over the training seeds (2.00), then the std over the test sets (1.00)
+    assert ours[2:] == ["ours", "54.86 ± 2.00 (1.00)", "67.43 ± 2.00 (1.00)", "54.72 ± 2.00 (1.00)",
+                        "52.32 ± 2.00 (1.00)", "57.33 ± 2.00 (1.00)"]  # fmt: skip
     assert ref[2:] == ["paper", "54.86", "67.33", "54.52", "52.02", "57.19"]
     # mean: per-seed fold means -> mean(paper splits) + 0.15, vs the paper's printed 57.19
     mean_diff = np.mean(paper.TABLE3[("simpropnet", 1)].splits) + 0.15 - 57.19
     assert delta[2:] == ["Δ", "+0.00", "+0.10", "+0.20", "+0.30", f"{mean_diff:+.2f}"]
     j = next(i for i, r in enumerate(rows) if r[0].startswith("CANet") and r[1] == "5")
     assert rows[j + 1][2:] == ["paper", "52.27", "65.29", "47.15", "50.50", "53.81"]
-    assert rows[j][3] == "52.27 ± 1.00"
+    assert rows[j][3] == "52.27 ± 2.00 (1.00)"
     assert "Note:" in md and "synthetic" in md  # default data source is flagged
-    for fact in ("`oslsm`", "1000 per fold", "1, 2, 3", "`original` label size"):
+    for fact in ("`oslsm`", "1000 per fold", "1, 2, 3", "`original` label size", "0, 1, 2 (3 trainings per variant"):
         assert fact in md
 
 
@@ -143,18 +148,19 @@ def test_table4_shows_dash_for_variants_not_run(built):
     assert rows[dpr + 1][1:] == ["paper", "52.69", "66.57", "53.10", "51.23", "55.89"]
     assert rows[dpr + 2][1:] == ["Δ", "—", "—", "—", "—", "—"]
     canet = next(i for i, r in enumerate(rows) if r[0].startswith("CANet"))
-    assert rows[canet][2] == "50.41 ± 1.00"
+    assert rows[canet][2] == "50.41 ± 2.00 (1.00)"
 
 
 def test_table5_identical_input_and_gain(built):
     _, _, out = built
     rows = _md_rows(out.tables_md.read_text(), "Table 5")
     sp = next(i for i, r in enumerate(rows) if r[0].startswith("SimPropNet ("))
-    assert rows[sp][1:6] == ["ours", "69.24", "80.09", "72.97", "75.15"]  # paper - 2, no std
+    # paper - 2, std over the training seeds, no test sets
+    assert rows[sp][1:6] == ["ours", "69.24 ± 2.00", "80.09 ± 2.00", "72.97 ± 2.00", "75.15 ± 2.00"]
     assert rows[sp + 2][1:6] == ["Δ", "-2.00", "-2.00", "-2.00", "-2.00"]
     gain = next(i for i, r in enumerate(rows) if r[0] == "SimPropNet − CANet")
     assert rows[gain + 1][1:] == ["paper", "16.73", "18.11", "26.77", "24.39", "21.50"]
-    assert rows[gain][2] == f"{71.24 - 54.51:.2f}"
+    assert rows[gain][2] == f"{71.24 - 54.51:.2f} ± 0.00"  # paired by training seed: the offsets cancel
 
 
 def test_csvs_are_tidy(built):
@@ -163,7 +169,8 @@ def test_csvs_are_tidy(built):
     assert list(t3.columns) == CSV_COLUMNS
     assert len(t3) == 4 * 5  # (simpropnet, canet) x (1, 5) shots x (4 splits + mean)
     row = t3[(t3.method == "simpropnet") & (t3.shots == 1) & (t3.split == "split-3")].iloc[0]
-    assert row.ours_mean == pytest.approx(54.72) and row.ours_std == pytest.approx(1.0)
+    assert row.ours_mean == pytest.approx(54.72) and row.ours_std == pytest.approx(2.0)
+    assert row.test_std == pytest.approx(1.0) and row.train_seeds == 3
     assert row.paper == pytest.approx(54.52) and row["diff"] == pytest.approx(0.2)
     t4 = pd.read_csv(out.csvs["table4"])
     assert set(t4.method) == set(paper.TABLE4)
@@ -185,7 +192,19 @@ def test_figures_and_summary(built):
     summary = json.loads((root / "metrics" / "report.json").read_text())
     expected = np.mean(paper.TABLE3[("simpropnet", 1)].splits) + 0.15
     assert summary["simpropnet"]["shot1_miou"] == pytest.approx(expected, abs=1e-4)
-    assert summary["simpropnet"]["shot1_miou_std"] == pytest.approx(1.0)
+    assert summary["simpropnet"]["shot1_miou_std"] == pytest.approx(2.0)
+    assert summary["simpropnet"]["shot1_miou_test_std"] == pytest.approx(1.0)
+    assert summary["num_train_seeds"] == 3
+    # the paper's claims: SimPropNet - CANet is the paper's per-fold difference for every seed
+    lists = summary["claims_lists"]
+    assert {"simpropnet_vs_canet_1shot", "simpropnet_vs_canet_5shot", "simpropnet_vs_canet_identical"} <= set(lists["supported"])
+    assert "dpr_vs_canet" in lists["not run"] and not lists["contradicted"]
+    claim = summary["claims"]["simpropnet_vs_canet_1shot"]
+    assert claim["verdict"] == 1 and claim["mean"] == pytest.approx(57.19 - 51.75 + 0.0, abs=0.05)
+    md = out.tables_md.read_text()
+    assert "## The paper's claims" in md and "Component ordering" not in md
+    supported = md.split("**Supported**", 1)[1].split("**Contradicted**", 1)[0]
+    assert "- SimPropNet beats CANet, 1-shot (Table 3)" in supported
     assert summary["canet"]["identical_miou"] == pytest.approx(np.mean(paper.TABLE5["canet"].splits) - 2, abs=1e-4)
     assert "dpr" not in summary
 
@@ -194,7 +213,7 @@ def test_per_class_iou_keeps_class_names(built):
     _, params, _ = built
     root = built[0]
     data = class_iou_by_variant(params, load_results(params, root))
-    # class k (1-based position in its fold) has 10k + fold, mean over seeds
+    # class k (1-based position in its fold) has 10k + fold, mean over test sets and training seeds
     assert data["simpropnet"]["aeroplane"] == pytest.approx(10.0)
     assert data["simpropnet"]["bottle"] == pytest.approx(50.0)
     assert data["simpropnet"]["bus"] == pytest.approx(11.0)
@@ -225,15 +244,16 @@ def test_missing_metrics_file_names_file_and_stage(tmp_path):
     for variant in params.train.variants:
         for fold in params.train.folds:
             write_run(tmp_path, params, variant, fold, curves=False)
-    RunLayout(tmp_path, "simpropnet", 2).evaluate_metrics.unlink()
+    RunLayout(tmp_path, "simpropnet", 2, 1).evaluate_metrics.unlink()
     with pytest.raises(MissingInputError) as err:
         build_report(params, tmp_path)
-    assert "metrics/evaluate/simpropnet/fold2.json" in str(err.value)
+    assert "metrics/evaluate/simpropnet/fold2/seed1.json" in str(err.value)
+    assert "simpropnet fold 2 training seed 1" in str(err.value)
     assert "`dvc repro evaluate` (or `python stages/evaluate.py --variant simpropnet --fold 2`)" in str(err.value)
     assert isinstance(err.value, FileNotFoundError)  # the stage runner prints it as one line
 
-    (tmp_path / "metrics" / "train" / "canet" / "fold0.json").unlink()
-    with pytest.raises(MissingInputError, match=r"metrics/train/canet/fold0\.json.*`dvc repro train`"):
+    (tmp_path / "metrics" / "train" / "canet" / "fold0" / "seed0.json").unlink()
+    with pytest.raises(MissingInputError, match=r"metrics/train/canet/fold0/seed0\.json.*`dvc repro train`"):
         build_report(params, tmp_path)
 
 
@@ -241,7 +261,7 @@ def test_stale_metrics_file_is_rejected(tmp_path):
     params = make_params(variants=("canet",), folds=(1,))
     write_run(tmp_path, params, "canet", 1, curves=False)
     stale = dataclasses.replace(params, episodes=dataclasses.replace(params.episodes, test_seeds=(4, 5, 6)))
-    with pytest.raises(StaleInputError, match=r"canet/fold1\.json: seeds"):
+    with pytest.raises(StaleInputError, match=r"canet/fold1/seed0\.json: seeds"):
         build_report(stale, tmp_path)
 
 
@@ -274,13 +294,15 @@ def test_report_stage_logs_to_mlflow(tmp_path, monkeypatch, capsys, mlflow_db_te
     (run,) = client.search_runs([client.get_experiment_by_name("simprop").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == "report"
     assert run.data.metrics["simpropnet.shot1_miou"] == pytest.approx(54.86)
+    assert run.data.tags["claims.not_run"].startswith("dpr_vs_canet")  # only simpropnet was run
+    assert run.data.tags["train_seed"] == "0,1,2" and run.data.metrics["num_train_seeds"] == 3
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/tables.md", "reports/table3.csv", "reports/figures"} <= listed
 
     # a missing input is one clear line and exit status 2, and the run is marked FAILED
-    RunLayout(tmp_path, "simpropnet", 0).evaluate_metrics.unlink()
+    RunLayout(tmp_path, "simpropnet", 0, 0).evaluate_metrics.unlink()
     assert stage.main(["--params", str(params_file), "--root", str(tmp_path)]) == 2
-    assert "simpropnet/fold0.json" in capsys.readouterr().err
+    assert "simpropnet/fold0/seed0.json" in capsys.readouterr().err
     runs = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])
     assert runs[0].info.status == "FAILED"
 
@@ -328,9 +350,10 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     for variant in other.train.variants:
         for fold in other.train.folds:
             write_run(tmp_path, other, variant, fold, curves=False)
-            record = json.loads(RunLayout(tmp_path, variant, fold).evaluate_metrics.read_text())
-            record.update(void="background", class_sampling="uniform")
-            RunLayout(tmp_path, variant, fold).evaluate_metrics.write_text(json.dumps(record))
+            for seed in other.train.seeds:
+                record = json.loads(RunLayout(tmp_path, variant, fold, seed).evaluate_metrics.read_text())
+                record.update(void="background", class_sampling="uniform")
+                RunLayout(tmp_path, variant, fold, seed).evaluate_metrics.write_text(json.dumps(record))
     splits = {"published_lists": {"checked": True, "matches_all": False, "source": "HSNet lists",
                                   "fold0": {"trn": {"matches_published": True}, "val": {"matches_published": False}}}}  # fmt: skip
     (tmp_path / "metrics" / "splits.json").write_text(json.dumps(splits))
@@ -345,7 +368,7 @@ def test_header_states_the_protocol_conventions_and_the_published_lists(built, t
     assert rows["published lists"] == "not checked: data.source 'synthetic'"
 
     # a metrics file scored in another convention is stale
-    stale = json.loads(RunLayout(tmp_path, "canet", 0).evaluate_metrics.read_text())
-    RunLayout(tmp_path, "canet", 0).evaluate_metrics.write_text(json.dumps({**stale, "void": "ignore"}))
+    stale = json.loads(RunLayout(tmp_path, "canet", 0, 1).evaluate_metrics.read_text())
+    RunLayout(tmp_path, "canet", 0, 1).evaluate_metrics.write_text(json.dumps({**stale, "void": "ignore"}))
     with pytest.raises(StaleInputError, match="void"):
         build_report(other, tmp_path)

@@ -1,8 +1,8 @@
 """``reports/figures/``: per-class IoU per variant, the training curves and the qualitative montage.
 
-Optional inputs, for every ``(variant, fold)`` in params (paths from
-:class:`~simprop.layout.RunLayout`): the training curves ``plots/train/{loss,val}/<variant>/fold<i>.csv``
-and the panel ``outputs/evaluate/<variant>/fold<i>/qualitative.png``; a figure without them says so.
+Optional inputs, for every ``(variant, fold, training seed)`` in params (paths from
+:class:`~simprop.layout.RunLayout`): the training curves ``plots/train/{loss,val}/<variant>/fold<i>/seed<s>.csv``
+and the panel ``outputs/evaluate/<variant>/fold<i>/seed<s>/qualitative.png``; a figure without them says so.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from simprop.voc import class_id, split_name
 
 
 def class_iou_by_variant(params: Params, results: dict, shots: int = 1) -> dict[str, dict[str, float]]:
-    """``{variant: {class name: IoU %}}``, mean over test sets, classes from each run's fold."""
-    out: dict[str, dict[str, float]] = {}
-    for (variant, _fold), res in results.items():
+    """``{variant: {class name: IoU %}}``, mean over test sets and training seeds, classes from each
+    run's fold."""
+    values: dict[str, dict[str, list[float]]] = {}
+    for (variant, _fold, _seed), res in results.items():
         entry = res.shot(shots)
         if not entry:
             continue
@@ -32,8 +33,8 @@ def class_iou_by_variant(params: Params, results: dict, shots: int = 1) -> dict[
             means = {n: mean_std([s.get(n) for s in seeds])[0] for n in names}
         for name, value in means.items():
             if value is not None and not math.isnan(value):
-                out.setdefault(variant, {})[name] = value
-    return out
+                values.setdefault(variant, {}).setdefault(name, []).append(value)
+    return {v: {n: sum(x) / len(x) for n, x in classes.items()} for v, classes in values.items()}
 
 
 def _new_figure(width: float, height: float):
@@ -60,16 +61,16 @@ def plot_per_class_iou(params: Params, results: dict, path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
         ax.set_ylabel("IoU (%)")
         ax.set_ylim(0, 100)
-        ax.set_title(f"Per-class IoU, {shots}-shot, mean over test sets ({params.splits.protocol}, {params.data.source})")
+        ax.set_title(f"Per-class IoU, {shots}-shot, mean over test sets and training seeds ({params.splits.protocol}, {params.data.source})")
         ax.legend(fontsize="small", ncols=min(5, len(data)))
         ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path, dpi=fig.dpi)
 
 
-def curve_paths(root: Path, variant: str, fold: int) -> tuple[Path | None, Path | None]:
+def curve_paths(root: Path, variant: str, fold: int, seed: int) -> tuple[Path | None, Path | None]:
     """(loss, val) curves of a training run (:class:`~simprop.layout.RunLayout`; one folder per
     curve, which DVC plots overlays), each ``None`` when absent."""
-    layout = RunLayout(root, variant, fold)
+    layout = RunLayout(root, variant, fold, seed)
     return tuple(p if p.is_file() else None for p in (layout.loss_curve, layout.val_curve))  # type: ignore[return-value]
 
 
@@ -95,8 +96,10 @@ def plot_training_curves(params: Params, root: Path, path: Path) -> Path:
     any_curve = False
     for row, fold in enumerate(folds):
         ax_loss, ax_val = axes[row]
-        for variant in params.train.variants:
-            loss_path, val_path = curve_paths(root, variant, fold)
+        for variant, seed in ((v, s) for v in params.train.variants for s in params.train.seeds):
+            # every training seed in the variant's colour, labelled once
+            label = paper.method_label(variant) if seed == params.train.seeds[0] else None
+            loss_path, val_path = curve_paths(root, variant, fold, seed)
             loss = _read_curve(loss_path, "step", "loss")
             if loss is not None:
                 steps, values = loss
@@ -104,11 +107,11 @@ def plot_training_curves(params: Params, root: Path, path: Path) -> Path:
                 if window > 1:  # moving average: per-step loss is noisy
                     values = np.convolve(values, np.ones(window) / window, mode="valid")
                     steps = steps[window - 1 :]
-                ax_loss.plot(steps, values, color=colours[variant], label=paper.method_label(variant), lw=1)
+                ax_loss.plot(steps, values, color=colours[variant], label=label, lw=1, alpha=0.8)
                 any_curve = True
             val = _read_curve(val_path, "epoch", "val_miou")
             if val is not None:
-                ax_val.plot(*val, marker="o", ms=3, color=colours[variant], label=paper.method_label(variant))
+                ax_val.plot(*val, marker="o", ms=3, color=colours[variant], label=label, alpha=0.8)
                 any_curve = True
         ax_loss.set_title(f"{split_name(fold)}: training loss")
         ax_loss.set_xlabel("step")
@@ -126,13 +129,14 @@ def plot_training_curves(params: Params, root: Path, path: Path) -> Path:
 
 
 def qualitative_montage(params: Params, root: Path, path: Path, max_width: int = 1200) -> Path:
-    """One qualitative panel per variant, all from the same fold (the same episodes), stacked."""
+    """One qualitative panel per variant, all from the same fold (the same episodes) and the first
+    training seed, stacked."""
     from PIL import Image, ImageDraw
 
     panels = []
     for variant in params.train.variants:
         for fold in params.train.folds:
-            src = RunLayout(root, variant, fold).qualitative
+            src = RunLayout(root, variant, fold, params.train.seeds[0]).qualitative
             if src.is_file():
                 panels.append((f"{paper.method_label(variant)}, {split_name(fold)}", src))
                 break

@@ -10,20 +10,23 @@ from pathlib import Path
 
 from simprop import paper
 from simprop.params import Params
+from simprop.report.claims import CONTRADICTED, NOT_RUN, SUPPORTED, UNDECIDED, Verdict
 from simprop.report.results import RunResult
-from simprop.report.tables import ALL_FOLDS, Row, support_use_rows
+from simprop.report.tables import ALL_FOLDS, SUPPORT_GAIN_BAR, Row, support_use_rows
 from simprop.voc import split_name
 
 DASH = "—"
 
 
-def _fmt(value: float | None, std: float | None = None, signed: bool = False) -> str:
+def _fmt(value: float | None, std: float | None = None, signed: bool = False, test_std: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return DASH
     value = round(value, 2) + 0.0  # no "-0.00" from float noise
     text = f"{value:+.2f}" if signed else f"{value:.2f}"
     if std is not None and not math.isnan(std):
         text += f" ± {std:.2f}"
+    if test_std is not None and not math.isnan(test_std):
+        text += f" ({test_std:.2f})"
     return text
 
 
@@ -44,7 +47,7 @@ def markdown_table(rows: list[Row], show_shots: bool = True) -> str:
     for (method, shots), group in groups.items():
         lead = [_method_name(method)] + ([str(shots)] if show_shots else [])
         blank = [""] * len(lead)
-        ours = [_fmt(r.ours_mean, r.ours_std) for r in group]
+        ours = [_fmt(r.ours_mean, r.ours_std, test_std=r.test_std) for r in group]
         mean_row = group[-1]
         if mean_row.note:
             notes.append(f"{_method_name(method)}, {shots}-shot: {mean_row.note}.")
@@ -99,6 +102,12 @@ def _published_cell(root: Path | None) -> str:
 def _header(params: Params, root: Path | None = None) -> str:
     ep = params.episodes
     seeds = ", ".join(str(s) for s in ep.test_seeds)
+    train_seeds = ", ".join(str(s) for s in params.train.seeds)
+    n_train = len(params.train.seeds)
+    replicates = (
+        f"{train_seeds} ({n_train} trainings per variant and fold; ± is the sample std, ddof=1, over them)"
+        if n_train > 1 else f"{train_seeds} (**one draw per cell: differences not tested**; `train.seeds` trains replicates)"
+    )
     lines = [
         "# SimPropNet reproduction: paper tables",
         "",
@@ -111,7 +120,8 @@ def _header(params: Params, root: Path | None = None) -> str:
         f"| setup | `{params.setup}` |",
         f"| data source | `{params.data.source}` |",
         f"| test episodes | {ep.num_episodes} per fold and test set |",
-        f"| test seeds | {seeds} ({len(ep.test_seeds)} test sets; ± is the sample std, ddof=1, over them) |",
+        f"| training seeds | {replicates} |",
+        f"| test seeds | {seeds} ({len(ep.test_seeds)} test sets; (·) is the sample std over them, averaged over the training seeds) |",
         f"| episode sampling | `{ep.class_sampling}`: {CLASS_SAMPLING_TEXT[ep.class_sampling]} |",
         f"| scoring (our columns) | {SCORING_TEXT[params.evaluate.resolution]} (network input "
         f"{params.evaluate.image_size}x{params.evaluate.image_size}), {VOID_TEXT[params.evaluate.void]}; "
@@ -132,8 +142,10 @@ def _header(params: Params, root: Path | None = None) -> str:
         f"| variants / folds | {', '.join(params.train.variants)} / "
         f"{', '.join(str(f) for f in params.train.folds)} |",
         "",
-        "Cells: **ours** = mean ± std over the test sets, **paper** = the paper's number, "
-        f"**Δ** = ours − paper; {DASH} = not run.",
+        "Cells: **ours** = mean over the training seeds ± their std (the spread of one training), "
+        "then in brackets the std over the test sets (the test episodes' sampling noise); "
+        f"**paper** = the paper's number, **Δ** = ours − paper; {DASH} = not run. Whether a difference "
+        "between two variants is real is tested in \"The paper's claims\" below.",
     ]
     if params.data.source != "voc":
         lines += [
@@ -144,27 +156,11 @@ def _header(params: Params, root: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUPPORT_GAIN_BAR = 10.0  # points of 1-shot mIoU the right support must add over a mismatched one
-
-
 def _support_use_checks(row: dict) -> str:
-    """What the controls say about one row (see the section text)."""
-    problems = []
-    if row["support_gain"] is not None and row["support_gain"] < SUPPORT_GAIN_BAR:
-        problems.append(f"support gain < {SUPPORT_GAIN_BAR:g}")
-    if row["fold"] == "mean":
-        if row["matcher_gain"] is not None and row["matcher_gain"] < 0:
-            problems.append("below the matcher")
-        if row["shot5_gain"] is not None and row["shot5_gain"] < 0:
-            problems.append("5-shot < 1-shot")
-        if row["identical_gain"] is not None and row["identical_gain"] < 0:
-            problems.append("identical < 1-shot")
-    bars = [v for v in (row["all_foreground"], row["untrained"]) if v is not None]
-    if row["shot1"] is not None and bars and row["shot1"] <= max(bars):
-        problems.append("not above all-foreground/untrained")
+    """Every training replicate's failed gates (``row["failures"]``), or ok."""
     if row["shot1"] is None:
         return DASH
-    return "ok" if not problems else "**" + "; ".join(problems) + "**"
+    return "ok" if not row["failures"] else "**" + "; ".join(row["failures"]) + "**"
 
 
 def _support_use_table(params: Params, results: dict[tuple[str, int], RunResult]) -> str:
@@ -185,30 +181,52 @@ def _support_use_table(params: Params, results: dict[tuple[str, int], RunResult]
     return "\n".join(lines) + "\n"
 
 
-def _ordering_statement(tables: dict[str, list[Row]]) -> str:
-    """Table 4's component ordering (mean over folds), ours beside the paper's, said plainly."""
-    means = {r.method: r for r in tables["table4"] if r.split == "mean"}
-    ours = {m: r.ours_mean for m, r in means.items() if r.ours_mean is not None}
-    if len(ours) < 2:
-        return "Fewer than two variants were run: no component ordering to compare.\n"
-    theirs = {m: r.paper for m, r in means.items() if m in ours and r.paper is not None}
-    order = lambda values: " > ".join(_method_name(m) for m, _ in sorted(values.items(), key=lambda kv: -kv[1]))  # noqa: E731
-    ours_order, paper_order = order(ours), order(theirs)
-    same = [m for m, _ in sorted(ours.items(), key=lambda kv: -kv[1])] == [m for m, _ in sorted(theirs.items(), key=lambda kv: -kv[1])]
-    verdict = "the same as" if same else "**not** the same as"
-    return (
-        f"Component ordering by mean 1-shot mIoU (Table 4), ours: {ours_order}.  Paper: {paper_order}.  "
-        f"Ours is {verdict} the paper's.  Hyperparameters were chosen on validation episodes only, "
-        "never toward the paper's ordering.\n"
-    )
+CLAIM_HEADINGS = (
+    (SUPPORTED, "Supported", "the 95 % interval of the difference lies above 0"),
+    (CONTRADICTED, "Contradicted", "the interval lies below 0"),
+    (UNDECIDED, "Undecided", "the interval contains 0, or one draw per cell"),
+    (NOT_RUN, "Not run", "a variant or shot count of the claim is not in params"),
+)
 
 
-def _training_table(results: dict[tuple[str, int], RunResult]) -> str:
+def claims_section(params: Params, verdicts: list[Verdict]) -> str:
+    """The paper's claims as mean paired differences over (fold, training seed) with 95 % t
+    intervals, then in three lists: supported, contradicted, undecided."""
+    n_seeds, n_folds = len(params.train.seeds), len(params.train.folds)
     lines = [
-        "| variant | fold | best val mIoU | best epoch | epochs | first loss | final loss | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "## The paper's claims\n",
+        "Each claim \"A beats B\" is read from the paired differences A − B of every fold and training "
+        f"seed ({n_folds} folds x {n_seeds} seeds; each value the mean over the test sets): their mean over "
+        "the folds, and a 95 % t interval over training seeds (seed variance pooled within folds, "
+        "fold x (seeds − 1) degrees of freedom; `simprop/report/claims.py` says why). The test episodes are "
+        "shared by both variants, so the interval is conditional on them. **Supported**: the interval lies "
+        "above 0; **contradicted**: below 0; **undecided**: it contains 0.\n",
+        "| claim | source | ours: mean difference [95 % interval] | paper | verdict |",
+        "|---|---|---|---|---|",
     ]
-    for (variant, fold), res in results.items():
+    for v in verdicts:
+        interval = f" [{_fmt(v.low, signed=True)}, {_fmt(v.high, signed=True)}]" if v.low is not None else ""
+        ours = (_fmt(v.mean, signed=True) + interval) if v.mean is not None else DASH
+        verdict = f"**{v.verdict}**" + (f" ({v.note})" if v.note else "")
+        lines.append(f"| {v.claim.text} | {v.claim.source} | {ours} | {_fmt(v.paper, signed=True)} | {verdict} |")
+    lines.append("")
+    for key, title, meaning in CLAIM_HEADINGS:
+        chosen = [v for v in verdicts if v.verdict == key]
+        if key == NOT_RUN and not chosen:
+            continue
+        lines.append(f"**{title}** ({meaning}):\n")
+        lines += [f"- {v.claim.text} ({v.claim.source})" for v in chosen] or ["- none"]
+        lines.append("")
+    lines.append("Hyperparameters were chosen on validation episodes only, never toward the paper's ordering.\n")
+    return "\n".join(lines)
+
+
+def _training_table(results: dict[tuple[str, int, int], RunResult]) -> str:
+    lines = [
+        "| variant | fold | seed | best val mIoU | best epoch | epochs | first loss | final loss | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (variant, fold, seed), res in sorted(results.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         t = res.train
 
         def num(key: str, digits: int = 2) -> str:
@@ -216,7 +234,7 @@ def _training_table(results: dict[tuple[str, int], RunResult]) -> str:
             return DASH if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
 
         lines.append(
-            f"| {variant} | {fold} | {num('best_val_miou')} | {num('best_epoch')} | {num('epochs')} | "
+            f"| {variant} | {fold} | {seed} | {num('best_val_miou')} | {num('best_epoch')} | {num('epochs')} | "
             f"{num('first_loss', 4)} | {num('final_loss', 4)} | {num('wall_time_s', 1)} |"
         )
     return "\n".join(lines) + "\n"
@@ -247,7 +265,8 @@ def analysis_sections(root: Path) -> str:
 
 
 def render_markdown(
-    params: Params, results: dict, tables: dict[str, list[Row]], analyses: str = "", root: Path | None = None
+    params: Params, results: dict, tables: dict[str, list[Row]], analyses: str = "", root: Path | None = None,
+    verdicts: list[Verdict] | None = None,
 ) -> str:
     parts = [
         _header(params, root),
@@ -256,9 +275,9 @@ def render_markdown(
         "## Table 4: ablation of the components (1-shot)\n",
         markdown_table(tables["table4"], show_shots=False),
         "## Table 5: identical input (support = query, 1-shot)\n",
-        "All test pairs of the fold once each, so one value per fold (no seeds, no std).\n",
+        "All test pairs of the fold once each, so one value per fold and training seed (no test sets).\n",
         markdown_table(tables["table5"], show_shots=False),
-        _ordering_statement(tables),
+        claims_section(params, verdicts or []),
         "## Does the model use its support?\n",
         "A few-shot model must score clearly better with the right support than with a support of "
         "another class (**mismatched support**: the episode files' supports of another class of the "
@@ -266,9 +285,10 @@ def render_markdown(
         "the query as its own support; and it must beat the **prototype matcher**, the "
         "parameter-free predictor on the same frozen features (per pixel, cosine to the support's "
         "foreground prototype vs its background prototype). 1-shot, mismatched and matcher: mean "
-        "over the test sets; all-foreground and untrained network: first test set. Gains in "
-        f"points; check: support gain >= {SUPPORT_GAIN_BAR:g} per fold, and on the mean rows 1-shot "
-        ">= matcher, 5-shot >= 1-shot, identical >= 1-shot.\n",
+        "over the test sets; all-foreground and untrained network: first test set; every value averaged "
+        "over the training seeds. Gains in points; check, for **every training seed**: support gain >= "
+        f"{SUPPORT_GAIN_BAR:g} per fold, and on the mean rows 1-shot >= matcher, 5-shot >= 1-shot, "
+        "identical >= 1-shot (a failing replicate is named by its seed).\n",
         _support_use_table(params, results),
         "## Training\n",
         _training_table(results),

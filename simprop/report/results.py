@@ -1,12 +1,12 @@
-"""The report's required inputs: the metrics files of every ``(variant, fold)`` in params.
+"""The report's required inputs: the metrics files of every ``(variant, fold, training seed)`` in params.
 
-For every ``(variant, fold)`` in ``params.train.variants`` x ``params.train.folds`` -- the lists
-from params, never a glob, so a stale file from a run that has since been dropped from params
-cannot leak into a table -- the report reads (file contracts in docs/architecture.md, paths from
-:class:`~simprop.layout.RunLayout`):
+For every replicate in ``params.train.variants`` x ``params.train.folds`` x ``params.train.seeds``
+-- the lists from params, never a glob, so a stale file from a run that has since been dropped
+from params cannot leak into a table -- the report reads (file contracts in
+docs/architecture.md, paths from :class:`~simprop.layout.RunLayout`):
 
-* ``metrics/evaluate/<variant>/fold<i>.json`` (required),
-* ``metrics/train/<variant>/fold<i>.json`` (required).
+* ``metrics/evaluate/<variant>/fold<i>/seed<s>.json`` (required),
+* ``metrics/train/<variant>/fold<i>/seed<s>.json`` (required).
 
 A missing or unreadable file raises :class:`MissingInputError` naming the file and the stage that
 writes it; an evaluate file written under other params raises :class:`StaleInputError`.
@@ -33,10 +33,11 @@ class StaleInputError(ValueError):
 
 @dataclass
 class RunResult:
-    """What the report knows about one trained and evaluated (variant, fold)."""
+    """What the report knows about one trained and evaluated (variant, fold, training seed)."""
 
     variant: str
     fold: int
+    seed: int
     evaluate: dict[str, Any]
     train: dict[str, Any]
 
@@ -53,34 +54,38 @@ def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
         raise MissingInputError(f"{path}: not valid JSON ({exc}); {hint}") from exc
 
 
-def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int], RunResult]:
-    """Read the metrics of every (variant, fold) in the params lists; fail naming a missing file."""
+def load_results(params: Params, root: str | Path = ".") -> dict[tuple[str, int, int], RunResult]:
+    """Read the metrics of every (variant, fold, training seed) in the params lists, keyed so;
+    fail naming a missing file."""
     root = Path(root)
     results = {}
     for variant in params.train.variants:
         for fold in params.train.folds:
-            ev_path = RunLayout(root, variant, fold).evaluate_metrics
-            ev = _read_json(
-                ev_path,
-                f"evaluate metrics of {variant} fold {fold}",
-                f"run the evaluate stage: `dvc repro evaluate` "
-                f"(or `python stages/evaluate.py --variant {variant} --fold {fold}`)",
-            )
-            _check_fresh(ev, ev_path, params, variant, fold)
-            tr = _read_json(
-                RunLayout(root, variant, fold).train_metrics,
-                f"training metrics of {variant} fold {fold}",
-                f"run the train stage: `dvc repro train` "
-                f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
-            )
-            results[(variant, fold)] = RunResult(variant, fold, ev, tr)
+            for seed in params.train.seeds:
+                layout = RunLayout(root, variant, fold, seed)
+                what = f"{variant} fold {fold} training seed {seed}"
+                ev = _read_json(
+                    layout.evaluate_metrics,
+                    f"evaluate metrics of {what}",
+                    f"run the evaluate stage: `dvc repro evaluate` "
+                    f"(or `python stages/evaluate.py --variant {variant} --fold {fold}`)",
+                )
+                _check_fresh(ev, layout.evaluate_metrics, params, variant, fold, seed)
+                tr = _read_json(
+                    layout.train_metrics,
+                    f"training metrics of {what}",
+                    f"run the train stage: `dvc repro train` "
+                    f"(or `python stages/train.py --variant {variant} --fold {fold}`)",
+                )
+                results[(variant, fold, seed)] = RunResult(variant, fold, seed, ev, tr)
     return results
 
 
-def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: int) -> None:
+def _check_fresh(record: dict, path: Path, params: Params, variant: str, fold: int, seed: int) -> None:
     expected = {
         "variant": variant,
         "fold": fold,
+        "train_seed": seed,
         "protocol": params.splits.protocol,
         "episodes": params.episodes.num_episodes,
         "seeds": list(params.episodes.test_seeds),
