@@ -41,7 +41,7 @@ def training_batches(trainer: Trainer, count: int) -> list[dict]:
     batches = []
     for i in range(count):
         indices = list(range(i * tp.batch_size, (i + 1) * tp.batch_size))
-        batches.append(trainer._batch(0, indices, [j % len(trainer.pairs) for j in indices], tp.ica_initial_p))
+        batches.append(trainer.batches.build(0, indices, [j % len(trainer.pairs) for j in indices], tp.ica_initial_p))
     return batches
 
 

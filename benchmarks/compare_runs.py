@@ -1,7 +1,8 @@
 """Committed runs side by side: each (variant, fold)'s 1-shot mIoU and support gain in several commits.
 
-Reads ``metrics/evaluate/`` from git history (both layouts: ``<variant>/fold<i>.json`` and the
-older ``<variant>_fold<i>.json``), so runs of the same code up to float summation order (another
+Reads ``metrics/evaluate/`` from git history (the layouts: ``<variant>/fold<i>/seed<s>.json``, of
+which the first training seed ``--seed``, and the older ``<variant>/fold<i>.json`` and
+``<variant>_fold<i>.json``), so runs of the same code up to float summation order (another
 thread count, a reordered but equal convolution) can be read as draws of one training: per
 variant, each run's mean 1-shot mIoU over the folds, their mean and range, and how many folds
 reach a support gain of ``--bar`` points; per cell, the range over the runs.
@@ -21,9 +22,10 @@ VARIANTS = ("canet", "dpr", "fbaf", "dpr_fbaf", "simpropnet")
 FOLDS = (0, 1, 2, 3)
 
 
-def read_record(repo: Path, rev: str, variant: str, fold: int) -> dict:
-    """The evaluate record of (variant, fold) at ``rev``; exits naming them if neither layout has it."""
-    for path in (f"metrics/evaluate/{variant}/fold{fold}.json", f"metrics/evaluate/{variant}_fold{fold}.json"):
+def read_record(repo: Path, rev: str, variant: str, fold: int, seed: int = 0) -> dict:
+    """The evaluate record of (variant, fold[, training seed]) at ``rev``; exits naming them if no layout has it."""
+    for path in (f"metrics/evaluate/{variant}/fold{fold}/seed{seed}.json", f"metrics/evaluate/{variant}/fold{fold}.json",
+                 f"metrics/evaluate/{variant}_fold{fold}.json"):  # fmt: skip
         shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
         if shown.returncode == 0:
             return json.loads(shown.stdout)
@@ -34,10 +36,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("revs", nargs="+", help="git revisions holding a committed run")
     parser.add_argument("--bar", type=float, default=10.0, help="support-gain bar in mIoU points")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed read where runs have replicates")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--repo", type=Path, default=ROOT, help="git repository (default: this one)")
     args = parser.parse_args()
-    cells = {(rev, v, f): read_record(args.repo, rev, v, f) for rev in args.revs for v in VARIANTS for f in FOLDS}
+    cells = {(rev, v, f): read_record(args.repo, rev, v, f, args.seed) for rev in args.revs for v in VARIANTS for f in FOLDS}
     one_shot = {k: r["shot1"]["miou_mean"] for k, r in cells.items()}
     gain = {k: r["support_use"]["support_gain"] for k, r in cells.items()}
     lines = [f"Runs: {', '.join(args.revs)} (1-shot mIoU = mean over the test sets; support gain = 1-shot - mismatched support)", ""]
