@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py [--variants canet,dpr] [--modes no_grad,autograd,cached]
                                      [--threads 2] [--size 321] [--batch 8] [--reps 1] [--warmup 1]
                                      [--device cpu|cuda] [--precisions fp32,bf16] [--channels-last]
+                                     [--public-canet path/to/one_shot_network.py]
 
 For each variant and mode, in a fresh subprocess (so the peak RSS belongs to that case):
 
@@ -21,6 +22,14 @@ Precisions: ``fp32``, or ``bf16`` = the model under :func:`simprop.infra.device.
 gradient scaler on older GPUs).  ``--channels-last`` also times each case with the model and
 inputs in channels-last memory layout.  On a GPU every timed step ends with
 ``torch.cuda.synchronize()`` and the peak is the GPU's allocated memory.
+
+``--public-canet FILE``: also time the public CANet's training step, side by side, in the same
+run and conditions: ``Res_Deeplab(2)`` from the given ``one_shot_network.py`` of icoz69/CaNet
+(not vendored here: pass your own copy), its backbone frozen as CANet's ``train.py`` does
+(``utils.turn_off``: ``conv1``, ``layer1-3`` without gradients, ``bn1`` and every BatchNorm in
+train mode), zero history masks, the prediction upsampled to the input and CANet's
+cross-entropy, SGD over the trainable layers; against our ``canet`` (``no_grad`` backbone, fp32,
+contiguous), printed as the ratio of their times.
 """
 
 from __future__ import annotations
@@ -130,6 +139,60 @@ def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: in
     }
 
 
+def run_public_canet(path: str, size: int, batch: int, reps: int, warmup: int, device: str = "cpu") -> dict:
+    """One training step of the public CANet (``Res_Deeplab`` of ``path``), timed like :func:`run_case`."""
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("public_canet", path)
+    if spec is None or spec.loader is None:
+        sys.exit(f"--public-canet {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = module.Res_Deeplab(num_classes=2).to(dev)
+    for layer in (model.conv1, model.layer1, model.layer2, model.layer3):  # CaNet utils.turn_off
+        for p in layer.parameters():
+            p.requires_grad_(False)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=2.5e-3, momentum=0.9, weight_decay=5e-4)
+    q = torch.randn(batch, 3, size, size, device=dev)
+    s = torch.randn(batch, 3, size, size, device=dev)
+    m = torch.zeros(batch, 1, size, size, device=dev)
+    m[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    labels = m[:, 0].long()
+    feature = (size + 7) // 8
+    history = torch.zeros(batch, 2, feature, feature, device=dev)
+    rss_model = peak_rss_mib()
+
+    def step() -> None:
+        pred = model(q, s, m, history)
+        pred = F.interpolate(pred, size=(size, size), mode="bilinear", align_corners=True)
+        loss = F.cross_entropy(pred, labels, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range(warmup + reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "variant": "public_canet", "mode": "turn_off", "task": "train", "device": device, "precision": "fp32",
+        "channels_last": False, "seconds": min(times[warmup:]), "seconds_all": times[warmup:],
+        "warmup_s": times[:warmup], "peak_rss_mib": peak_rss_mib(),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+        "rss_before_step_mib": rss_model, "trainable": sum(p.numel() for p in trainable),
+        "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad), "source": path,
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -144,6 +207,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (train.amp's autocast)")
     ap.add_argument("--channels-last", action="store_true", help="also time every case in channels-last layout")
+    ap.add_argument("--public-canet", metavar="FILE",
+                    help="icoz69/CaNet's one_shot_network.py: time its training step beside our canet")
+    ap.add_argument("--_public", help=argparse.SUPPRESS)
     ap.add_argument("--_case", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     ap.add_argument("--_task", help=argparse.SUPPRESS)
     ap.add_argument("--_precision", default="fp32", help=argparse.SUPPRESS)
@@ -151,6 +217,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    if args._public:  # child process: the public CANet's training step, JSON on stdout
+        print(json.dumps(run_public_canet(args._public, args.size, args.batch, args.reps, args.warmup, args.device)))
+        return
     if args._case:  # child process: one case, JSON on stdout
         row = run_case(*args._case, args._task, args.size, args.batch, args.reps, args.warmup, args.device,
                        args._precision, args._layout == "channels_last")  # fmt: skip
@@ -196,6 +265,26 @@ def main() -> None:
                         memory = row["peak_gpu_mib"] if row["peak_gpu_mib"] is not None else row["peak_rss_mib"]
                         print(f"  {task:6s} {v:11s} {mo:9s} {pr:5s} {layout:14s} {row['seconds']:8.3f} s   "
                               f"peak {'GPU' if row['peak_gpu_mib'] is not None else 'RSS'} {memory:8.0f} MiB", flush=True)  # fmt: skip
+    if args.public_canet:
+        if not os.path.isfile(args.public_canet):
+            sys.exit(f"--public-canet {args.public_canet}: no such file (icoz69/CaNet's one_shot_network.py)")
+        cmd = [sys.executable, __file__, "--_public", args.public_canet, "--threads", str(args.threads), "--size",
+               str(args.size), "--batch", str(args.batch), "--reps", str(args.reps), "--warmup", str(args.warmup),
+               "--device", args.device]  # fmt: skip
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(res.stderr, file=sys.stderr)
+            sys.exit("the public CANet case failed")
+        public = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(public)
+        ours = [r for r in rows if r["variant"] == "canet" and r["task"] == "train" and r["mode"] == "no_grad"
+                and r["precision"] == "fp32" and not r["channels_last"]]  # fmt: skip
+        print(f"  train  public CANet ({args.public_canet}) {public['seconds']:8.3f} s")
+        if ours:
+            print(f"  our canet / public CANet training step: {public['seconds'] / ours[0]['seconds']:.2f}x the public "
+                  f"model's speed ({ours[0]['seconds']:.3f} s vs {public['seconds']:.3f} s; same run, {where})")  # fmt: skip
+        else:
+            print("  (add canet with --variants canet --modes no_grad --tasks train for the ratio)")
     print()
     print("| variant | trainable params | frozen params |")
     print("| --- | ---: | ---: |")
