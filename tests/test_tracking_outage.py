@@ -41,6 +41,7 @@ def _run_of(server, name: str) -> dict:
 
 
 def test_a_server_restart_mid_training_loses_no_metric(feature_cache_tree, tmp_path, monkeypatch, capsys):
+    from simprop.layout import RunLayout
     from simprop.train.fold import train_fold
 
     params, root, _ = feature_cache_tree(
@@ -50,7 +51,8 @@ def test_a_server_restart_mid_training_loses_no_metric(feature_cache_tree, tmp_p
     port = int(server.url.rsplit(":", 1)[1])
     params = dataclasses.replace(params, tracking=TrackingParams(experiment="outage", tracking_uri=server.url))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    loss_curve = root / "plots" / "train" / "loss" / "canet" / "fold0.csv"
+    layout = RunLayout(root, "canet", 0, params.train.seed)  # the replicate train_fold trains
+    loss_curve = layout.loss_curve
     restarted: list = []
 
     def outage() -> None:  # down once the first epoch is logged, back 4 s later, same port and store
@@ -71,15 +73,15 @@ def test_a_server_restart_mid_training_loses_no_metric(feature_cache_tree, tmp_p
         err = capsys.readouterr().err
         assert f"the MLflow server {server.url} did not take a log call" in err  # the outage hit the run
         assert "answers again: every kept log call" in err or "mlflow-sync" not in err
-        run = _run_of(back, "train/canet/fold0/1shot")
+        run = _run_of(back, f"train/canet/fold0/seed{params.train.seed}/1shot")
         assert run["info"]["status"] == "FINISHED"
         losses = [(int(s), float(v)) for s, v in (line.split(",") for line in loss_curve.read_text().splitlines()[1:])]
         assert _history(back, run["info"]["run_id"], "train_loss") == losses  # every step's loss, once
-        val_curve = root / "plots" / "train" / "val" / "canet" / "fold0.csv"
+        val_curve = layout.val_curve
         vals = [(int(e), float(v)) for e, v in (line.split(",") for line in val_curve.read_text().splitlines()[1:])]
         assert _history(back, run["info"]["run_id"], "val_miou") == pytest.approx(vals)
         assert len(vals) == summary["epochs"] == 6
-        recorded = json.loads((root / "metrics" / "train" / "canet" / "fold0.json").read_text())
+        recorded = json.loads(layout.train_metrics.read_text())
         assert _history(back, run["info"]["run_id"], "best_val_miou")[-1][1] == pytest.approx(recorded["best_val_miou"])
     finally:
         for s in restarted:
