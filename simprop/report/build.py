@@ -57,6 +57,7 @@ def report_summary(params: Params, results: dict, tables: dict[str, list[Row]],
     replicate); the verdict on each of the paper's claims (mean difference, 95 % interval,
     ``verdict`` 1 supported / 0 undecided / -1 contradicted) and the three ``claims_lists``."""
     summary: dict[str, Any] = {}
+    controls = support_use_rows(params, results)
     for variant in params.train.variants:
         entry: dict[str, float] = {}
         for shots in params.evaluate.shots:
@@ -71,15 +72,13 @@ def report_summary(params: Params, results: dict, tables: dict[str, list[Row]],
         ident = [r for r in tables["table5"] if r.method == variant and r.split == "mean"]
         if ident and ident[0].ours_mean is not None:
             entry["identical_miou"] = round(ident[0].ours_mean, 4)
-        mean_row = [r for r in support_use_rows(params, results) if r["variant"] == variant and r["fold"] == "mean"]
+        mean_row = [r for r in controls if r["variant"] == variant and r["fold"] == "mean"]
         for key in ("support_gain", "shot5_gain", "identical_gain", "matcher_gain", "matcher1", "mismatched"):
             value = mean_row[0][key] if mean_row else None
             if value is not None:
                 entry[key] = round(value, 4)
         if mean_row:
-            entry["gate_failures"] = len(mean_row[0]["failures"]) + sum(
-                len(r["failures"]) for r in support_use_rows(params, results) if r["variant"] == variant and r["fold"] != "mean"
-            )
+            entry["gate_failures"] = sum(len(r["failures"]) for r in controls if r["variant"] == variant)
         if entry:
             summary[variant] = entry
     summary["num_folds"] = len(params.train.folds)

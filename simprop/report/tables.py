@@ -108,8 +108,8 @@ def shot_getter(results: dict, variant: str, shots: int, seeds: Sequence[int]) -
     """Per-fold :class:`Cell` of the ``shots``-shot mIoU of ``variant`` over the training ``seeds``."""
 
     def get(fold: int):
-        entries = [(results.get((variant, fold, s)) or None) for s in seeds]
-        entries = [r.shot(shots) if r else None for r in entries]
+        runs = [results.get((variant, fold, s)) for s in seeds]
+        entries = [r.shot(shots) if r else None for r in runs]
         if not entries or any(e is None for e in entries):
             return None
         return Cell([e["miou_mean"] for e in entries], [_test_sets(e) for e in entries])
