@@ -2,7 +2,8 @@
 
     python benchmarks/bench_model.py [--variants canet,dpr] [--modes no_grad,autograd,cached]
                                      [--threads 2] [--size 321] [--batch 8] [--reps 1] [--warmup 1]
-                                     [--device cpu|cuda] [--precisions fp32,bf16] [--channels-last]
+                                     [--device cpu|cuda] [--precisions fp32,bf16,auto] [--channels-last]
+                                     [--conv-kernel auto|shifted_gemm|conv2d]
                                      [--public-canet path/to/one_shot_network.py]
 
 For each variant and mode, in a fresh subprocess (so the peak RSS belongs to that case):
@@ -19,7 +20,11 @@ The random ('none') backbone is used: timings do not depend on the weights' valu
 
 Precisions: ``fp32``, or ``bf16`` = the model under :func:`simprop.infra.device.autocast` (what
 ``train.amp: true`` does: bf16 autocast on the CPU and on bf16-capable GPUs, fp16 with a
-gradient scaler on older GPUs).  ``--channels-last`` also times each case with the model and
+gradient scaler on older GPUs), or ``auto`` = what ``amp: auto`` picks on this machine
+(:func:`simprop.infra.device.resolve_amp`: bf16 where the CPU has ``avx512_bf16`` / ``amx_bf16``
+or the GPU bf16, else fp32), printed as ``auto -> bf16``.  ``--conv-kernel``: the encoder conv's
+form (``model.conv_kernel``; ``auto`` by default, as the paper setup).  The first line names
+the machine (:func:`simprop.infra.machine.machine_info`).  ``--channels-last`` also times each case with the model and
 inputs in channels-last memory layout.  On a GPU every timed step ends with
 ``torch.cuda.synchronize()`` and the peak is the GPU's allocated memory.
 
@@ -29,7 +34,10 @@ run and conditions: ``Res_Deeplab(2)`` from the given ``one_shot_network.py`` of
 (``utils.turn_off``: ``conv1``, ``layer1-3`` without gradients, ``bn1`` and every BatchNorm in
 train mode), zero history masks, the prediction upsampled to the input and CANet's
 cross-entropy, SGD over the trainable layers; against our ``canet`` (``no_grad`` backbone, fp32,
-contiguous), printed as the ratio of their times.
+contiguous), printed as the ratio of their times; and ``simpropnet`` at the precision ``amp:
+auto`` picks (when timed: ``--variants canet,simpropnet --precisions fp32,auto``) against the
+public CANet in fp32, issue 29's acceptance: ``<= 1`` where bf16 is native, the ratio stated
+where it is not.
 """
 
 from __future__ import annotations
@@ -44,7 +52,8 @@ import time
 
 import torch
 
-from simprop.infra.device import amp_dtype, autocast, needs_grad_scaler
+from simprop.infra.device import amp_dtype, autocast, needs_grad_scaler, resolve_amp
+from simprop.infra.machine import machine_info
 from simprop.model import VARIANTS
 from simprop.model.ica import apply_input_channel_averaging
 from simprop.model.losses import dual_prediction_loss
@@ -61,12 +70,13 @@ def peak_rss_mib() -> float:
 
 
 def run_case(variant: str, mode: str, task: str, size: int, batch: int, reps: int, warmup: int,
-             device: str = "cpu", precision: str = "fp32", channels_last: bool = False) -> dict:  # fmt: skip
+             device: str = "cpu", precision: str = "fp32", channels_last: bool = False,
+             conv_kernel: str = "auto") -> dict:  # fmt: skip
     torch.manual_seed(0)
     dev = torch.device(device)
     amp = precision == "bf16"
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(variant, ModelParams()).to(dev, memory_format=layout)
+    model = build_model(variant, ModelParams(conv_kernel=conv_kernel)).to(dev, memory_format=layout)
     if mode == "autograd":
         model.backbone_no_grad = False
         for p in model.backbone.parameters():
@@ -205,7 +215,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16 (train.amp's autocast)")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma list of fp32, bf16 (train.amp's autocast), auto (what amp: auto picks here)")
+    ap.add_argument("--conv-kernel", default="auto", choices=("auto", "shifted_gemm", "conv2d"),
+                    help="the encoder conv's form (model.conv_kernel)")
     ap.add_argument("--channels-last", action="store_true", help="also time every case in channels-last layout")
     ap.add_argument("--public-canet", metavar="FILE",
                     help="icoz69/CaNet's one_shot_network.py: time its training step beside our canet")
@@ -214,6 +227,7 @@ def main() -> None:
     ap.add_argument("--_task", help=argparse.SUPPRESS)
     ap.add_argument("--_precision", default="fp32", help=argparse.SUPPRESS)
     ap.add_argument("--_layout", default="contiguous", help=argparse.SUPPRESS)
+    ap.add_argument("--_conv_kernel", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -222,7 +236,7 @@ def main() -> None:
         return
     if args._case:  # child process: one case, JSON on stdout
         row = run_case(*args._case, args._task, args.size, args.batch, args.reps, args.warmup, args.device,
-                       args._precision, args._layout == "channels_last")  # fmt: skip
+                       args._precision, args._layout == "channels_last", args._conv_kernel)  # fmt: skip
         print(json.dumps(row))
         return
 
@@ -237,10 +251,14 @@ def main() -> None:
         if mo not in MODES:
             sys.exit(f"unknown mode {mo!r}; choose from {list(MODES)}")
     for pr in precisions:
-        if pr not in ("fp32", "bf16"):
-            sys.exit(f"unknown precision {pr!r}; choose from fp32, bf16")
+        if pr not in ("fp32", "bf16", "auto"):
+            sys.exit(f"unknown precision {pr!r}; choose from fp32, bf16, auto")
+    picked = "bf16" if resolve_amp("auto", torch.device(args.device)) else "fp32"  # amp: auto on this machine
+    precisions = list(dict.fromkeys(picked if pr == "auto" else pr for pr in precisions))
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} threads, cpu count {os.cpu_count()}"
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine_info().items()), flush=True)
     print(
+        f"amp: auto picks {picked} here; model.conv_kernel {args.conv_kernel}; "
         f"torch {torch.__version__}, {args.device} ({where}), "
         f"input {args.size}x{args.size}, train batch {args.batch} (1-shot), eval 1 episode x {SHOTS_EVAL} shots, "
         f"best of {args.reps} after {args.warmup} warm-up run(s)",
@@ -255,7 +273,7 @@ def main() -> None:
                         cmd = [sys.executable, __file__, "--_case", v, mo, "--_task", task, "--threads", str(args.threads),
                                "--size", str(args.size), "--batch", str(args.batch), "--reps", str(args.reps),
                                "--warmup", str(args.warmup), "--device", args.device, "--_precision", pr,
-                               "--_layout", layout]  # fmt: skip
+                               "--_layout", layout, "--_conv_kernel", args.conv_kernel]  # fmt: skip
                         res = subprocess.run(cmd, capture_output=True, text=True)
                         if res.returncode != 0:
                             print(res.stderr, file=sys.stderr)
@@ -285,6 +303,16 @@ def main() -> None:
                   f"model's speed ({ours[0]['seconds']:.3f} s vs {public['seconds']:.3f} s; same run, {where})")  # fmt: skip
         else:
             print("  (add canet with --variants canet --modes no_grad --tasks train for the ratio)")
+        auto = [r for r in rows if r["variant"] == "simpropnet" and r["task"] == "train" and r["mode"] == "no_grad"
+                and r["precision"].split(" ")[0] == picked and not r["channels_last"]]  # fmt: skip
+        if auto:
+            ratio = auto[0]["seconds"] / public["seconds"]
+            verdict = "met" if ratio <= 1 else "not met"
+            print(f"  simpropnet at amp: auto's precision ({picked}) / public CANet fp32 training step: {ratio:.2f} "
+                  f"({auto[0]['seconds']:.3f} s vs {public['seconds']:.3f} s; issue 29's bar <= 1: {verdict}; "
+                  f"native bf16: {machine_info()['cpu_native_bf16'] if args.device == 'cpu' else picked == 'bf16'})")  # fmt: skip
+        else:
+            print("  (add simpropnet with --variants canet,simpropnet --precisions fp32,auto for the amp: auto ratio)")
     print()
     print("| variant | trainable params | frozen params |")
     print("| --- | ---: | ---: |")

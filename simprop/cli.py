@@ -26,7 +26,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     try:
         results = segment(
-            args.checkpoint,
+            args.checkpoint or args.model,
             supports=args.support,
             queries=args.query,
             out_dir=args.out,
@@ -38,6 +38,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             fold=args.fold,
             describe=lambda line: print(line, flush=True),
+            tracking_uri=args.tracking_uri,
+            amp=args.amp,
         )
     except SegmentError as exc:
         print(f"simprop segment: error: {exc}", file=sys.stderr)
@@ -54,7 +56,17 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
         description="Writes <out>/<stem>_mask.png and <out>/<stem>_overlay.png for every query. "
         "Support masks: binary PNGs (0/255 or 0/1), or VOC index PNGs with --class-id.",
     )
-    p.add_argument("--checkpoint", required=True, help="a trained checkpoint, e.g. models/simpropnet/fold0/seed0/best.pt")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a trained checkpoint, e.g. models/simpropnet/fold0/seed0/best.pt")
+    source.add_argument(
+        "--model", metavar="URI",
+        help="a registered model version, models:/<name>@<alias> or models:/<name>/<version> "
+        "(e.g. models:/simprop-simpropnet@fold0), downloaded from the tracking server",
+    )  # fmt: skip
+    p.add_argument(
+        "--tracking-uri", default=None,
+        help="tracking server of --model (default: $MLFLOW_TRACKING_URI, else the repository's mlflow.db)",
+    )  # fmt: skip
     p.add_argument(
         "--support", nargs=2, action="append", required=True, metavar=("IMAGE", "MASK"),
         help="a support image and its mask; repeat for k shots",
@@ -65,6 +77,11 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default=None, help="fail unless the checkpoint is of this variant")
     p.add_argument("--fold", type=int, default=None, help="fail unless the checkpoint was trained on this PASCAL-5i fold")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument(
+        "--amp", default="false", choices=("false", "true", "auto"),
+        help="bf16 autocast: auto = where the device runs bf16 natively (avx512_bf16 / amx_bf16 CPU, "
+        "bf16 GPU), float32 elsewhere; false (default) = float32, the evaluate stage's masks",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--foreground-value", type=int, default=255, help="mask value written for foreground (1..255)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

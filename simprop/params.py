@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import posixpath
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,11 @@ class ModelParams:
     iom_iterations: int = 4
     dropout: float = 0.5
     channels: int = 256  # width of the shared encoder conv, fusion and ASPP (256 in the paper)
+    # the encoder conv's form on the CPU in float32 (simprop/model/shifted_gemm.py): "auto" times the
+    # shifted GEMM and conv2d on the first call of each shape and keeps the faster (a timing-dependent
+    # choice: float rounding may differ between runs); "shifted_gemm" / "conv2d" pin one. Checkpoints
+    # written before this key ran "shifted_gemm" (simprop.model.checkpoint.load_checkpoint)
+    conv_kernel: Literal["auto", "shifted_gemm", "conv2d"] = "auto"
 
     def validate(self, key: str) -> None:
         if self.channels < 8:
@@ -207,7 +213,9 @@ class TrainParams:
     iom_history_p: float = 0.3
     cache_backbone_features: bool = False  # only valid without augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = False  # mixed precision (simprop/infra/device.py): bf16 on CPU, bf16/fp16 on CUDA
+    # mixed precision (simprop/infra/device.py): true = bf16 on CPU, bf16/fp16 on CUDA; "auto" = bf16
+    # where it is native (CPU with avx512_bf16/amx_bf16, CUDA with bf16), float32 elsewhere
+    amp: bool | Literal["auto"] = False
     channels_last: bool = False  # channels-last memory layout for the trainable convolutions
     # training replicates: every (variant, fold) is trained once per seed (initialisation, sample
     # order, supports, dropout and ICA draws all derive from it); the report gives each cell as the
@@ -293,7 +301,8 @@ class EvaluateParams:
     batch_size: int = 16
     identical_input: bool = True  # support = query test (paper Table 5)
     device: str = "auto"
-    amp: bool = False  # the network under autocast (simprop/infra/device.py); controls stay float32
+    # the network under autocast (simprop/infra/device.py; true, false or "auto" as train.amp); controls stay float32
+    amp: bool | Literal["auto"] = False
     # folds evaluated at once by the evaluate stage (simprop/infra/parallel.py)
     parallel_folds: int = 1
 
@@ -350,11 +359,68 @@ class TrackingParams:
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///<repo root>/mlflow.db
     # how long a stage waits for a tracking server (http/https URI) to answer before any work
     connect_timeout_s: float = 5.0
+    # log + register every evaluated checkpoint (simprop/engine/registry.py): auto = on for a
+    # tracking server (http/https), off for the local sqlite store
+    register_models: Literal["auto", True, False] = "auto"
+    registered_model: str = "simprop-{variant}"  # one registered model per variant
 
     def validate(self, key: str) -> None:
         if not self.experiment:
             raise ParamsError(f"{key}.experiment: must not be empty")
         _positive(self, key, "connect_timeout_s")
+        if self.register_models != "auto" and not isinstance(self.register_models, bool):
+            raise ParamsError(f"{key}.register_models: use auto, true or false, got {self.register_models!r}")
+        name = self.registered_model.replace("{variant}", "")
+        if "{variant}" not in self.registered_model or not re.fullmatch(r"[\w.\-]*", name):
+            raise ParamsError(
+                f"{key}.registered_model: {self.registered_model!r} must contain {{variant}} (one registered "
+                "model per variant) and otherwise only letters, digits, '_', '-' and '.', e.g. 'team-simprop-{variant}'"
+            )
+
+
+@dataclass(frozen=True)
+class SlurmParams:
+    """Where and how the ``train`` / ``evaluate`` jobs run on SLURM (``executor.kind: slurm``,
+    :mod:`simprop.infra.slurm`): one array task per (variant, fold, training seed)."""
+
+    partition: str = ""  # empty: the cluster's default partition
+    account: str = ""  # sbatch --account; empty: the user's default
+    qos: str = ""  # sbatch --qos; empty: the partition's default
+    gpus_per_job: int = 0  # GPUs of each job (sbatch --gpus-per-node); 0 for CPU jobs
+    cpus_per_job: int = 1  # cores of each job (--cpus-per-task); the job's torch threads
+    mem_gb: float = 0.0  # memory of each job (--mem); 0: the partition's default
+    time_min: int = 60  # time limit of each job; a job reaching it is requeued and resumes from last.pt
+    array_parallelism: int = 32  # array tasks running at once (--array=...%N)
+    log_dir: str = "logs/slurm"  # submitit's folder (job scripts, pickles, stdout/stderr), relative to the repo
+    # shell lines run in the job script before python (module load ..., source a venv)
+    setup: tuple[str, ...] = ()
+    # further sbatch options, {option: value} (true for a flag), e.g. {constraint: a100, mail-type: FAIL}
+    additional: dict[str, Any] = field(default_factory=dict)
+    poll_s: float = 10.0  # how often the stage asks squeue whether its jobs are done
+
+    def validate(self, key: str) -> None:
+        _positive(self, key, "cpus_per_job", "time_min", "array_parallelism", "poll_s")
+        if self.gpus_per_job < 0 or self.mem_gb < 0:
+            raise ParamsError(f"{key}.gpus_per_job/{key}.mem_gb: must be >= 0 (0: none / the default)")
+        if not self.log_dir:
+            raise ParamsError(f"{key}.log_dir: must not be empty (e.g. logs/slurm)")
+        for option, value in self.additional.items():
+            if option.startswith("-") or not option:
+                raise ParamsError(f"{key}.additional: write sbatch options without dashes, e.g. mail-type: FAIL, "
+                                  f"got {option!r}")
+            if value is False or value is None or isinstance(value, (dict, list)):
+                raise ParamsError(f"{key}.additional.{option}: give a string or number, or true for a flag; "
+                                  f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class ExecutorParams:
+    """Where the ``train`` / ``evaluate`` jobs run (:mod:`simprop.infra.executor`).  Not a DVC params
+    dependency of any stage: where a job runs does not change what it writes."""
+
+    # local: on this machine (train/evaluate.parallel_folds processes, or one per GPU); slurm: SLURM jobs
+    kind: Literal["local", "slurm"] = "local"
+    slurm: SlurmParams = field(default_factory=SlurmParams)
 
 
 @dataclass(frozen=True)
@@ -370,6 +436,7 @@ class Params:
     report: ReportParams = field(default_factory=ReportParams)
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    executor: ExecutorParams = field(default_factory=ExecutorParams)
 
     def validate(self, key: str) -> None:
         for shot in self.evaluate.shots:
@@ -385,6 +452,11 @@ class Params:
             raise ParamsError(
                 f"analysis.variant/analysis.fold: ({self.analysis.variant}, fold {self.analysis.fold}) "
                 "is not trained; it must be in train.variants and train.folds"
+            )
+        if self.executor.kind == "slurm" and self.train.processes > 1:
+            raise ParamsError(
+                "executor.kind: slurm runs each (variant, fold, seed) as one single-process job; with "
+                f"train.processes = {self.train.processes} (DDP through torchrun) use executor.kind: local"
             )
 
     def for_seed(self, seed: int) -> "Params":
@@ -482,7 +554,23 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         args = [a for a in get_args(tp) if a is not type(None)]
         if value is None and len(args) < len(get_args(tp)):
             return None
-        return _coerce(args[0], value, key, source)
+        if len(args) == 1:
+            return _coerce(args[0], value, key, source)
+        for arg in args:  # e.g. train.amp: true / false or "auto"
+            try:
+                return _coerce(arg, value, key, source)
+            except ParamsError:
+                continue
+        allowed = " or ".join("true / false" if a is bool else ", ".join(map(repr, get_args(a))) if get_origin(a) is Literal
+                              else a.__name__ for a in args)  # fmt: skip
+        raise ParamsError(f"{source}: {key} = {value!r} is not allowed; use {allowed}")
+    if origin is dict:  # a free mapping of options (executor.slurm.additional): names to scalars
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: {key} must be a mapping (option: value), got {value!r}")
+        for name, item in value.items():
+            if not isinstance(name, str) or isinstance(item, (dict, list)):
+                raise ParamsError(f"{source}: {key}.{name} must be a name with a string, number or true")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{source}: {key} must be a list, got {value!r}")

@@ -10,7 +10,8 @@ read from them (``support_use``).  Each (variant, fold) writes metrics/evaluate/
 and outputs/evaluate/<variant>/fold<i>/qualitative.png and logs to its own MLflow run
 (simprop.evaluate.run.evaluate_fold).  The folds are the jobs: evaluate.parallel_folds of them run
 side by side (simprop/infra/parallel.py), each evaluating the variants in turn and scoring the
-parameter-free matcher once.  --variant / --fold / --seed evaluate that variant / fold / training seed alone.
+parameter-free matcher once. With executor.kind: slurm each (variant, fold, seed) is one SLURM array task
+(simprop/infra/slurm.py).  --variant / --fold / --seed evaluate that variant / fold / training seed alone.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(params: Params) -> int:
         variants, folds, seeds = stage_jobs(params, args.variant, args.fold, args.seed)
-        from simprop.infra.parallel import run_folds
+        from simprop.infra.executor import run_jobs
 
-        # by name: the workers import torch and the evaluation code, this process need not
-        jobs = [(params, variants, fold, ".", seeds) for fold in folds]
-        run_folds("simprop.evaluate.run:evaluate_fold_variants", jobs, params.evaluate.parallel_folds, [f"fold {f}" for f in folds])
+        # by name: the workers (or SLURM jobs: executor.kind) import torch and the evaluation code, this process need not
+        run_jobs("evaluate", "simprop.evaluate.run:evaluate_fold_variants", params, variants, folds, seeds,
+                 params.evaluate.parallel_folds, params.evaluate.device)
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold), ("seed", args.seed)) if v is not None)

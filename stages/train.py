@@ -7,7 +7,9 @@ last completed epoch, and a finished one is not trained again), metrics/train/<v
 and plots/train/{loss,val}/<variant>/fold<i>/seed<s>.csv, and logs to its own MLflow run
 (simprop.train.fold.train_fold).  The folds are the jobs: train.parallel_folds of them run side by
 side, each in its own process (simprop/infra/parallel.py), and a fold's process trains the seeds and
-variants one after another, sharing what they compute alike (simprop.train.shared.FoldShared).  --variant / --fold
+variants one after another, sharing what they compute alike (simprop.train.shared.FoldShared). With
+executor.kind: slurm each (variant, fold, seed) is one SLURM array task instead (simprop/infra/slurm.py);
+with GPUs here, one fold's process per GPU (simprop/infra/executor.py).  --variant / --fold
 / --seed train that variant / fold / training seed alone.  With train.processes = N > 1 each (variant, fold) is trained in
 turn by N DDP processes: the script relaunches itself under torchrun (one process per GPU); it can
 also be started by hand with ``torchrun --nproc_per_node N stages/train.py --variant ... --fold ...``.
@@ -50,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                         train_fold(params.for_seed(seed), variant, fold)
             return 0
 
-        from simprop.infra.parallel import run_folds
+        from simprop.infra.executor import run_jobs
 
-        # by name: the workers import torch and the training code, this process need not
-        jobs = [(params, variants, fold, ".", seeds) for fold in folds]
-        run_folds("simprop.train.fold:train_fold_variants", jobs, params.train.parallel_folds, [f"fold {f}" for f in folds])
+        # by name: the workers (or SLURM jobs: executor.kind) import torch and the training code, this process need not
+        run_jobs("train", "simprop.train.fold:train_fold_variants", params, variants, folds, seeds,
+                 params.train.parallel_folds, params.train.device)
         return 0
 
     scope = "".join(f" {k} {v}" for k, v in (("variant", args.variant), ("fold", args.fold), ("seed", args.seed)) if v is not None)

@@ -18,6 +18,7 @@ all-foreground predictor and the untrained network.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,10 +48,13 @@ from simprop.evaluate.controls import (
     support_use,
 )
 from simprop.infra.atomic import write_json
-from simprop.infra.device import resolve_device
+from simprop.infra.device import precision, resolve_amp, resolve_device
+from simprop.infra.machine import machine_info
 from simprop.infra.tracking import stage_run
+from simprop.engine.registry import register_in_run
 from simprop.layout import RunLayout
 from simprop.model import build_model, expected_identity, load_checkpoint
+from simprop.model.shifted_gemm import kernel_record
 from simprop.params import Params
 from simprop.voc import fold_classes
 
@@ -84,7 +88,8 @@ def evaluate_model(
     paths = DataPaths(root / params.data.root)
     store = ImageStore(paths, ev.image_size)
     scoring = dict(resolution=ev.resolution, void=ev.void, classes=fold_classes(fold))
-    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
+    amp = resolve_amp(ev.amp, device)  # evaluate.amp "auto": bf16 where this device has it natively
+    runner = EpisodeRunner(model, store, device, ev.batch_size, cache, amp=amp, **scoring)
     record: dict = {
         "variant": variant,
         "fold": fold,
@@ -98,6 +103,8 @@ def evaluate_model(
         "void": ev.void,
         "image_size": ev.image_size,
         "iom_iterations": getattr(model, "iom_iterations", 0),
+        "precision": precision(device, amp),
+        "amp": ev.amp,
         "miou_classes": "the fold's 5 classes; a class without a defined IoU counts as 0 (classes_scored)",
     }
     started = time.perf_counter()
@@ -128,7 +135,7 @@ def evaluate_model(
     first = test_set(params.episodes.test_seeds[0], 1)
     reference = {"all_foreground_miou": all_foreground_metrics(store, first, **scoring).summary()["miou"]}
     if untrained is not None:
-        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=ev.amp, **scoring)
+        baseline = EpisodeRunner(untrained, store, device, ev.batch_size, cache, amp=amp, **scoring)
         reference["untrained_miou"] = baseline.evaluate(first, desc="untrained").summary()["miou"]
     record["reference"] = reference
     record["support_use"] = support_use(record)
@@ -208,6 +215,11 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
                                         log=run.log_metrics, matcher_record=matcher_record)  # fmt: skip
         record["train_seed"] = seed
         record["checkpoint"] = {"epoch": meta.get("epoch"), "val_miou": meta.get("val_miou")}
+        # what ran, as decided on this machine (issue 29): the encoder conv's forms, the machine
+        record["conv_kernel"] = kernel_record(model.projection[0].kernel)
+        record["machine"] = machine_info()
+        run.set_tags({"precision": record["precision"], "conv_kernel": record["conv_kernel"]["setting"],
+                      "conv_kernel_used": record["conv_kernel"]["used"]})  # fmt: skip
         write_json(out, record)
         rows = qualitative_rows(params, runner, fold, root, params.report.num_qualitative)
         if rows:
@@ -228,6 +240,8 @@ def evaluate_fold(params: Params, variant: str, fold: int, root: Path | str = ".
         run.log_artifact(out)
         if figure.is_file():
             run.log_artifact(figure)
+        # the checkpoint as a registered model version (tracking.register_models; simprop/engine/registry.py)
+        register_in_run(run, paths.best, params, variant, fold, seed, meta, dataclasses.asdict(model.params))
     summary = ", ".join(f"{s}-shot mIoU {record[f'shot{s}']['miou_mean']:.2f}" for s in params.evaluate.shots)
     print(f"{variant} fold {fold} seed {seed}: {summary}", flush=True)
     return record

@@ -46,7 +46,11 @@ def threads_per_worker(workers: int, cores: int | None = None) -> int:
     return max(1, (cores if cores is not None else available_cores()) // max(1, workers))
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, devices=None) -> None:
+    """Set up one worker: its GPU (``devices``: a queue of ``CUDA_VISIBLE_DEVICES`` values, one per
+    worker) before torch is imported, so CUDA initialises on that GPU alone; its threads; Ctrl-C."""
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices.get(timeout=60)
     import torch
 
     torch.set_num_threads(threads)
@@ -79,7 +83,8 @@ def _call(target: str | Callable[..., Any], args: tuple) -> tuple[str, Any]:
         return "unexpected", "".join(traceback.format_exception(exc))
 
 
-def run_folds(fn: str | Callable[..., Any], jobs: Sequence[tuple], workers: int, labels: Sequence[str]) -> list[Any]:
+def run_folds(fn: str | Callable[..., Any], jobs: Sequence[tuple], workers: int, labels: Sequence[str],
+              devices: Sequence[str] = ()) -> list[Any]:  # fmt: skip
     """``[fn(*job) for job in jobs]``, ``workers`` jobs at a time in spawned processes.
 
     ``fn`` is a module-level function or its name, ``"package.module:function"`` (then the stage
@@ -88,13 +93,23 @@ def run_folds(fn: str | Callable[..., Any], jobs: Sequence[tuple], workers: int,
     order, and exceptions propagate unchanged.  Otherwise the first failing job (in job order)
     raises :class:`FoldFailed` (expected error) or ``RuntimeError`` with the worker's traceback,
     after the remaining workers were stopped.
+
+    ``devices``: one GPU per worker (``CUDA_VISIBLE_DEVICES`` values, :func:`simprop.infra.executor.gpu_slots`):
+    then ``len(devices)`` workers, each pinned to its GPU for its whole life, so at most one job per GPU runs.
     """
+    if devices:
+        workers = len(devices)
     workers = min(workers, len(jobs))
     if workers <= 1:
         fn = resolve(fn)
         return [fn(*job) for job in jobs]
     context = multiprocessing.get_context("spawn")
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(threads_per_worker(workers),))
+    queue = None
+    if devices:
+        queue = context.Queue()
+        for device in list(devices)[:workers]:
+            queue.put(device)
+    pool = context.Pool(workers, initializer=_init_worker, initargs=(threads_per_worker(workers), queue))
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
     finished = False
     try:

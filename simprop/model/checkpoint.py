@@ -373,7 +373,9 @@ def load_checkpoint(
     _check_identity(path, stored_for_check, expected)
     if params is None:
         try:
-            params = ModelParams(**payload["model_params"])
+            # model.conv_kernel is newer than some checkpoints: those ran the encoder conv as the
+            # shifted GEMM on the CPU in float32 (and conv2d elsewhere), which "shifted_gemm" pins
+            params = ModelParams(**{"conv_kernel": "shifted_gemm", **payload["model_params"]})
         except TypeError as exc:
             raise CheckpointError(f"{path}: stored model params do not match ModelParams ({exc}); re-train") from exc
     model = build_model(stored_variant, params)

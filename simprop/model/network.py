@@ -83,7 +83,7 @@ class SimPropNet(nn.Module):
         self.backbone = build_backbone(params.backbone_weights, params.backbone_seed)
         self.backbone_no_grad = True  # benchmarks flip this to measure the cost of autograd
         channels = params.channels  # model.channels: 256 in the paper (FEATURE_CHANNELS, ASPP_CHANNELS)
-        self.projection = FeatureProjection(BACKBONE_CHANNELS, channels, dropout=params.dropout)
+        self.projection = FeatureProjection(BACKBONE_CHANNELS, channels, dropout=params.dropout, kernel=params.conv_kernel)
         if self.spec.fusion == "canet":
             self.fusion: nn.Module = CANetFusion(channels, dropout=params.dropout)
         else:

@@ -19,14 +19,36 @@ the input once per pass; with channels-last input (the feature cache stores NHWC
 
 It is the same function as ``torch.nn.functional.conv2d`` up to float summation order
 (``tests/test_shifted_gemm.py``: fp32 values and gradients against ``conv2d``, and
-``gradcheck`` in float64).  :class:`ShiftedGemmConv2d` uses it on the CPU in float32 outside
+``gradcheck`` in float64).  :class:`ShiftedGemmConv2d` can use it on the CPU in float32 outside
 autocast only; on CUDA, under autocast or in other dtypes it calls ``conv2d`` as before
 (cuDNN's implicit GEMM already avoids the copy, and this form is not measured there).
+
+**Which form runs is chosen where it runs** (``model.conv_kernel``, issue 29).  The shifted
+GEMM was chosen on a 2-core AVX2 EPYC, where oneDNN's dilated direct convolution was 2.6x
+slower on the default setup's maps; on an AVX-512 EPYC with native bf16 oneDNN's ``conv2d``
+is the faster one (16x1536x9x9 -> 16: 4.5 vs 8.5 ms; the paper's 16x1536x41x41 -> 256:
+1.4-1.5 vs 2.2 s, forward + backward, 2 threads).  So ``auto`` times both forms once per
+process on the first call of each (input shape, weight shape, dilation, dtype, device, torch
+threads, training or not) and keeps the faster, as ``torch.backends.cudnn.benchmark`` does for
+cuDNN's algorithms (PyTorch's ``torch/backends/cudnn/__init__.py``: a cache of measured choices
+keyed by the problem, for the life of the process).  ``shifted_gemm`` and ``conv2d`` pin a
+form: the measured choice can flip between two runs on one machine when the two are close, and
+the default setup's training amplifies float rounding, so its committed run pins the form it
+used.  Every form that ran is logged (:func:`kernels_used`) for the run's tags and metrics.
+
+Not done for the other hand-written forms (docs/architecture.md):
+:func:`~simprop.model.prototype_conv.conv_with_tiled_prototype` and
+:class:`~simprop.model.decoder.DilatedConv2d` do not replace the library's convolution, they
+call ``conv2d`` on a smaller problem (half the input channels; the taps that read only padding
+dropped), so every machine's ``conv2d`` gets the same or less arithmetic to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,19 +121,180 @@ def shifted_gemm_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, dilatio
     return _ShiftedGemmConv.apply(x, weight, bias, dilation)
 
 
+KERNELS = ("shifted_gemm", "conv2d")  # the forms; model.conv_kernel also takes "auto"
+AUTO_REPS = 3  # timed calls per form, best of them, after one untimed warm-up call each
+
+
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
+    # contiguous NCHW as the shifted GEMM returns it (oneDNN keeps a channels-last input's layout), so
+    # that the layers after the conv see the same layout whichever form ran
+    return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation).contiguous()
+
+
+FORMS: dict[str, Callable[[Tensor, Tensor, Tensor | None, int], Tensor]] = {
+    "shifted_gemm": shifted_gemm_conv3x3,
+    "conv2d": _conv2d,
+}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The form one problem ran with: ``how`` is ``measured`` (``auto``; ``ms``: each form's best
+    time), ``pinned`` (``model.conv_kernel`` named it) or ``only form`` (not CPU float32 outside
+    autocast: only ``conv2d`` applies)."""
+
+    kernel: str
+    how: str
+    ms: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kernel": self.kernel, "how": self.how}
+        if self.ms is not None:
+            out["ms"] = dict(self.ms)
+        return out
+
+
+ONLY_CONV2D = KernelChoice("conv2d", "only form")
+PINNED = {kernel: KernelChoice(kernel, "pinned") for kernel in KERNELS}
+# auto's measured choices, keyed by the problem, for the life of the process (cudnn.benchmark's rule)
+_MEASURED: dict[tuple, KernelChoice] = {}
+# every (problem, form) that ran in this process, and why that form
+_USED: dict[tuple[tuple, str], KernelChoice] = {}
+
+
+def _problem(x: Tensor, weight: Tensor, dilation: int, training: bool) -> tuple:
+    return (tuple(x.shape), tuple(weight.shape), dilation, str(x.dtype).removeprefix("torch."), str(x.device),
+            torch.get_num_threads(), training)  # fmt: skip
+
+
+def describe_problem(problem: tuple) -> str:
+    """``16x1536x9x9->16 d2 float32 cpu 2t train``: a problem key as one line."""
+    shape, weight, dilation, dtype, device, threads, training = problem
+    return (f"{'x'.join(map(str, shape))}->{weight[0]} d{dilation} {dtype} {device} {threads}t "
+            f"{'train' if training else 'infer'}")  # fmt: skip
+
+
+def time_forms(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, training: bool,
+               reps: int = AUTO_REPS, forms: dict[str, Callable] | None = None) -> dict[str, float]:  # fmt: skip
+    """Best-of-``reps`` milliseconds of each form on these tensors (forward, plus backward when
+    ``training``), the forms interleaved so that a burst of load elsewhere hits both alike.
+
+    Runs on detached copies: the module's parameters get no gradient and no autograd graph is kept.
+    """
+    forms = FORMS if forms is None else forms
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+
+    def call(form: Callable) -> None:
+        xi = x.detach().requires_grad_(needs[0])
+        wi = weight.detach().requires_grad_(needs[1])
+        bi = None if bias is None else bias.detach().requires_grad_(needs[2])
+        with torch.enable_grad() if training else torch.no_grad():
+            out = form(xi, wi, bi, dilation)
+            if training:
+                out.backward(torch.ones_like(out))
+        sync()
+
+    best = {name: float("inf") for name in forms}
+    for name, form in forms.items():  # warm-up: oneDNN's primitive creation, allocator growth
+        call(form)
+    for _ in range(max(1, reps)):
+        for name, form in forms.items():
+            start = time.perf_counter()
+            call(form)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1000.0)
+    return best
+
+
+def choose_kernel(x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, training: bool) -> KernelChoice:
+    """``auto``: the faster form for this problem, measured on its first call in this process and
+    cached (``conv2d``, the library's kernel, unless the shifted GEMM is strictly faster)."""
+    return _choose(_problem(x, weight, dilation, training), x, weight, bias, dilation, training)
+
+
+def _choose(problem: tuple, x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, training: bool) -> KernelChoice:
+    choice = _MEASURED.get(problem)
+    if choice is None:
+        ms = time_forms(x, weight, bias, dilation, training)
+        kernel = "shifted_gemm" if ms["shifted_gemm"] < ms["conv2d"] else "conv2d"
+        choice = _MEASURED[problem] = KernelChoice(kernel, "measured", {k: round(v, 3) for k, v in ms.items()})
+    return choice
+
+
+def kernels_used() -> dict[str, dict[str, Any]]:
+    """Every problem a :class:`ShiftedGemmConv2d` ran in this process (:func:`describe_problem`)
+    -> the form it ran with and why (:class:`KernelChoice`), for a run's metrics file.  A worker
+    process runs several trainings: the log covers the process so far, which includes e.g. the
+    frozen projection's outputs that an earlier training of the fold computed for this one."""
+    problems = [problem for problem, _ in _USED]
+    out = {}
+    for (problem, kernel), choice in _USED.items():
+        name = describe_problem(problem)
+        out[name if problems.count(problem) == 1 else f"{name} [{kernel}]"] = choice.to_dict()
+    return out
+
+
+def kernels_summary(used: dict[str, dict[str, Any]] | None = None) -> str:
+    """The forms that ran, sorted and comma-joined (``shifted_gemm``, ``conv2d,shifted_gemm``),
+    ``none`` when the conv did not run: the run's ``conv_kernel_used`` tag."""
+    used = kernels_used() if used is None else used
+    return ",".join(sorted({entry["kernel"] for entry in used.values()})) or "none"
+
+
+def kernel_record(setting: str) -> dict[str, Any]:
+    """A run's ``conv_kernel`` metrics entry: the module's ``setting`` (``model.conv_kernel``), the
+    forms used (:func:`kernels_summary`, its ``conv_kernel_used`` tag) and per problem the form
+    and why (:func:`kernels_used`; ``auto``'s timings in ms)."""
+    used = kernels_used()
+    return {"setting": setting, "used": kernels_summary(used), "problems": used}
+
+
+def clear_kernel_choices() -> None:
+    """Forget the measured choices and the log (tests; a process that changed its thread count
+    gets new problem keys anyway)."""
+    _MEASURED.clear()
+    _USED.clear()
+
+
 class ShiftedGemmConv2d(nn.Conv2d):
     """A 3x3, stride-1, "same"-padded (``padding = dilation``) ``nn.Conv2d`` (same parameters
-    and state-dict keys) that runs as :func:`shifted_gemm_conv3x3` on the CPU in float32."""
+    and state-dict keys) that can run as :func:`shifted_gemm_conv3x3` on the CPU in float32.
 
-    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1, bias: bool = True) -> None:
+    ``kernel`` (``model.conv_kernel``): ``auto`` measures both forms per problem
+    (:func:`choose_kernel`), ``shifted_gemm`` / ``conv2d`` pin one.  Outside CPU float32 without
+    autocast only ``conv2d`` applies, whatever the setting.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int = 1, bias: bool = True,
+                 kernel: str = "auto") -> None:  # fmt: skip
         super().__init__(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=bias)
+        self.kernel = kernel
+
+    @property
+    def kernel(self) -> str:
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        if value != "auto" and value not in KERNELS:
+            raise ValueError(f"conv kernel {value!r}: use auto, {' or '.join(KERNELS)} (model.conv_kernel)")
+        self._kernel = value
 
     def forward(self, x: Tensor) -> Tensor:
+        dilation = self.dilation[0]
+        training = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        problem = _problem(x, self.weight, dilation, training)
         if (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu")
+            x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")
         ):
-            return shifted_gemm_conv3x3(x, self.weight, self.bias, self.dilation[0])
-        return F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)
+            _USED.setdefault((problem, "conv2d"), ONLY_CONV2D)
+            return F.conv2d(x, self.weight, self.bias, padding=self.padding, dilation=self.dilation)  # as before
+        if self.kernel == "auto":
+            choice = _choose(problem, x, self.weight, self.bias, dilation, training)
+        else:
+            choice = PINNED[self.kernel]
+        _USED.setdefault((problem, choice.kernel), choice)
+        return FORMS[choice.kernel](x, self.weight, self.bias, dilation)

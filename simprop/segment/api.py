@@ -9,6 +9,8 @@ This is the Python API behind ``simprop segment``::
         queries="my_photos/",          # a folder, one path or a list of paths
         out_dir="out/",
     )
+    # or a registered model version from a tracking server (docs/scale-out.md):
+    segment("models:/simprop-simpropnet@fold0", ..., tracking_uri="http://mlflow.example:5000")
 
 For every query ``<stem>.<ext>`` two files are written into ``out_dir``:
 
@@ -62,7 +64,16 @@ from simprop.segment.inputs import (
     to_tensor,
 )
 from simprop.segment.outputs import SegmentResult, overlay_image, save_png
-from simprop.segment.predict import describe_checkpoint, encode_images, load_model, predict_masks, resolve_device
+from simprop.segment.predict import (
+    describe_checkpoint,
+    encode_images,
+    is_model_uri,
+    load_model,
+    load_registered_model,
+    predict_masks,
+    resolve_device,
+    resolve_precision,
+)
 
 
 def segment(
@@ -78,6 +89,8 @@ def segment(
     progress: bool = True,
     fold: int | None = None,
     describe: Callable[[str], object] | None = None,
+    tracking_uri: str | None = None,
+    amp: bool | str = False,
 ) -> list[SegmentResult]:
     """Segment every query from the k ``supports`` with a trained checkpoint.
 
@@ -86,7 +99,13 @@ def segment(
     ``fold``: when given, the checkpoint must have been trained as that variant on that fold.
     ``foreground_value``: the value written for foreground pixels in ``<stem>_mask.png``
     (1..255).  ``describe``: called with one line saying which classes the checkpoint's training
-    held out (its fold's test classes).  Returns one :class:`SegmentResult` per query, in input
+    held out (its fold's test classes).  ``checkpoint`` may also be a registered model,
+    ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, on ``tracking_uri`` (else
+    ``MLFLOW_TRACKING_URI``, else the repository's sqlite store): its ``best.pt`` is downloaded and
+    checked like a file (:func:`simprop.segment.predict.load_registered_model`).  ``amp``: the
+    network under autocast, ``false`` / ``true`` / ``auto`` as ``evaluate.amp`` (``auto``: bf16
+    where the device has it natively, float32 elsewhere; float32 keeps the masks those of the
+    evaluate stage's float32 predictions).  Returns one :class:`SegmentResult` per query, in input
     order.  Raises :class:`SegmentError` for bad inputs before writing.
 
     Order of the checks: the options and ``out_dir``, the checkpoint, the supports, then every
@@ -103,9 +122,14 @@ def segment(
         raise SegmentError(f"class_id must be in 0..254, got {class_id}")
     out_dir = check_out_dir(out_dir)
     torch_device = resolve_device(device)
-    model, meta = load_model(checkpoint, torch_device, variant, fold)
+    use_amp = resolve_precision(amp, torch_device)
+    if is_model_uri(checkpoint):
+        model, meta, label = load_registered_model(str(checkpoint), tracking_uri, torch_device, variant, fold)
+    else:
+        model, meta = load_model(checkpoint, torch_device, variant, fold)
+        label = str(checkpoint)
     if describe is not None:
-        describe(describe_checkpoint(checkpoint, model.variant, meta))
+        describe(describe_checkpoint(label, model.variant, meta))
     size = int(meta["image_size"])
     support_pairs = []
     for pair in supports:
@@ -143,7 +167,7 @@ def segment(
             if target.is_dir():
                 raise SegmentError(f"{target}: a folder is in the way of an output file; move it or choose another --out")
 
-    support_encoded = encode_images(model, support_imgs)  # once, shared by every query
+    support_encoded = encode_images(model, support_imgs, use_amp)  # once, shared by every query
 
     # ---- segment into a staging folder, then move into place
     # the folders this call creates, deepest first: removed again if it fails, so a failure leaves
@@ -161,7 +185,7 @@ def segment(
         for start in bar:
             batch_paths = query_paths[start : start + batch_size]
             batch_imgs = [read_image(p) for p in batch_paths]  # only this batch is held decoded
-            masks = predict_masks(model, support_encoded, support_masks, batch_imgs, size, torch_device)
+            masks = predict_masks(model, support_encoded, support_masks, batch_imgs, size, torch_device, use_amp)
             for path, image, mask in zip(batch_paths, batch_imgs, masks):
                 try:
                     save_png(mask.astype(np.uint8) * np.uint8(foreground_value), staging / f"{path.stem}_mask.png")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from simprop.infra.device import precision
 from simprop.infra.distributed import (
     context_from_env,
     destroy,
@@ -50,10 +51,14 @@ def train_fold(params: Params, variant: str, fold: int, root: Path | str = ".", 
             trainer = Trainer(params, variant, fold, root, tracker=run, dist_context=ctx, shared=shared)
             run.set_tags({
                 "device": str(trainer.device), "processes": ctx.world_size, "torch_threads": torch.get_num_threads(),
-                **trainer.model.parameter_counts(),
+                "precision": precision(trainer.device, trainer.amp), **trainer.model.parameter_counts(),
             })  # fmt: skip
             summary = trainer.run()
-            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float)) and v is not None})
+            # the encoder conv's forms that ran (model.conv_kernel; "auto" decides per machine and shape)
+            run.set_tags({"conv_kernel": params.model.conv_kernel, "conv_kernel_used": summary["conv_kernel"]["used"]})
+            # numbers only: amp is a bool (an int to Python), conv_kernel and machine are blocks
+            numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            run.log_metrics(numbers)
             run.log_artifact(trainer.paths.best, "checkpoint")
             run.log_artifact(trainer.paths.train_metrics)
             # one folder per curve: both files are named seed<s>.csv

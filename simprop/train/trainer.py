@@ -41,7 +41,7 @@ from simprop.engine.features import FeatureCache, open_feature_cache
 from simprop.engine.inference import EpisodeRunner
 from simprop.errors import TrainingDiverged
 from simprop.infra.atomic import replace_on_success, write_json
-from simprop.infra.device import amp_warning, autocast, needs_grad_scaler, resolve_device
+from simprop.infra.device import amp_warning, autocast, needs_grad_scaler, precision, resolve_amp, resolve_device
 from simprop.infra.distributed import (
     DistContext,
     barrier,
@@ -49,6 +49,7 @@ from simprop.infra.distributed import (
     init_process_group,
     mean_across,
 )
+from simprop.infra.machine import machine_info
 from simprop.layout import RunLayout
 from simprop.model import VARIANTS as VARIANT_SPECS
 from simprop.model import build_model, dual_prediction_loss
@@ -57,6 +58,7 @@ from simprop.model.checkpoint import (
 )
 from simprop.model.ica import ica_probability
 from simprop.model.pca import feature_moments, pca_units, set_centre_taps
+from simprop.model.shifted_gemm import kernel_record
 from simprop.params import Params, ParamsError
 from simprop.train.batches import BatchBuilder, IOMHistory, TrainingPairs, dropout_seed, epoch_order
 from simprop.train.checkpointing import TrainingCheckpoints, file_digest, run_fingerprint, training_code_digest
@@ -131,10 +133,13 @@ class Trainer:
         )  # fmt: skip
         # 6. precision, memory layout, and the DDP wrapper that averages the trainable layers'
         #    gradients over the processes (the frozen backbone is skipped)
-        warning = amp_warning(self.device, tp.amp)
+        #    (train.amp / evaluate.amp "auto": bf16 where this device has it natively, else float32)
+        self.amp = resolve_amp(tp.amp, self.device)
+        self.eval_amp = resolve_amp(params.evaluate.amp, self.device)
+        warning = amp_warning(self.device, self.amp)
         if warning and self.dist.is_main:
             print(f"warning: {warning}")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.device, tp.amp))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=needs_grad_scaler(self.device, self.amp))
         if tp.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.network: torch.nn.Module = self.model
@@ -201,7 +206,7 @@ class Trainer:
         size = self.params.train.image_size
         inputs = {k: batch[k] for k in ("query_img", "support_imgs", "query_feats", "support_feats", "query_encoded",
                                         "support_encoded", "query_history") if batch.get(k) is not None}  # fmt: skip
-        with autocast(self.device, self.params.train.amp):
+        with autocast(self.device, self.amp):
             outputs = self.network(support_masks=batch["support_masks"], out_size=(size, size), **inputs)
             loss = dual_prediction_loss(
                 outputs, batch["query_labels"], batch["support_labels"] if self.spec.dual_prediction else None
@@ -219,7 +224,7 @@ class Trainer:
         # a frozen projection's outputs were computed once for every cached image (EncodedFeatures):
         # the validation reads them instead of running the 1536-channel conv on its images every epoch
         runner = EpisodeRunner(self.model, self.store, self.device, self.params.evaluate.batch_size, self.cache,
-                               amp=self.params.evaluate.amp, encoded=self.encoded)  # fmt: skip
+                               amp=self.eval_amp, encoded=self.encoded)  # fmt: skip
         miou = runner.evaluate(self.val_episodes, desc="validation").miou() * 100.0
         self.model.train()
         return miou
@@ -305,6 +310,11 @@ class Trainer:
             "device": str(self.device),
             "val_episodes": len(self.val_episodes),
             "processes": self.dist.world_size,
+            # what ran, as decided on this machine (issue 29): strings, beside the numbers
+            "precision": precision(self.device, self.amp),
+            "amp": self.params.train.amp,
+            "conv_kernel": kernel_record(self.model.projection[0].kernel),
+            "machine": machine_info(),
         }
         if self.dist.is_main:
             write_json(self.paths.train_metrics, summary)

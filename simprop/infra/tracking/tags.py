@@ -10,6 +10,7 @@ import re
 import subprocess
 from typing import Any, Mapping
 
+from simprop.infra.machine import machine_tags
 from simprop.params import Params
 
 _MAX_KEY = 250
@@ -95,6 +96,23 @@ def _join(value: Any) -> str:
     return str(value)
 
 
+EXECUTOR_ENV = "SIMPROP_EXECUTOR"
+"""Set to ``slurm`` by :mod:`simprop.infra.slurm` in each SLURM job; unset (``local``) elsewhere."""
+
+
+def executor_tags() -> dict[str, str]:
+    """Where this run's job ran: ``executor`` (local / slurm), ``host`` and, inside a SLURM job,
+    ``slurm_job_id`` (``<array job>_<task>`` for an array task, as ``squeue`` and submitit name it)."""
+    import socket
+
+    tags = {"executor": os.environ.get(EXECUTOR_ENV) or "local", "host": socket.gethostname()}
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if job:
+        tags["slurm_job_id"] = job
+    return tags
+
+
 def stage_tags(stage: str, params: "Params", *, variant: str | None = None, fold: int | None = None, shots: Any = None,
                seed: int | None = None, extra_tags: Mapping[str, Any] | None = None) -> dict[str, str]:  # fmt: skip
     """The tags of the tracking contract.  ``variant/fold/shots`` not given -> ``"all"``; ``seed``
@@ -125,9 +143,11 @@ def stage_tags(stage: str, params: "Params", *, variant: str | None = None, fold
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME") or "workspace",
         "dvc_stage": os.environ.get("DVC_STAGE", ""),
         "mlflow.source.git.commit": commit,
+        **executor_tags(),
     }
     if seed is not None and variant is not None and fold is not None:
         tags["replicate_group"] = f"{stage}/{variant}/fold{fold}"
+    tags.update(machine_tags())  # machine.cpu_model, machine.torch, ...: what the run ran on (simprop/infra/machine.py)
     for key, value in (extra_tags or {}).items():
         tags[sanitize_key(key)] = _join(value)
     return {k: v[:MAX_TAG_VALUE] for k, v in tags.items()}
