@@ -206,3 +206,33 @@ def test_training_seeds_are_a_list_and_train_seed_is_set_per_replicate(tmp_path)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError, match=r"'train.seed' is not a params key: .*write train.seeds: \[N\]"):
         load_params(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+@pytest.mark.parametrize("section", ["train", "evaluate"])
+def test_amp_takes_true_false_or_auto(section, value):
+    assert getattr(params_from_dict(committed_with(section, "amp", value)), section).amp == value
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "bf16", None])
+@pytest.mark.parametrize("section", ["train", "evaluate"])
+def test_a_bad_amp_names_the_key_and_the_choices(section, value):
+    with pytest.raises(ParamsError, match=rf"{section}\.amp = .* is not allowed; use true / false or 'auto'"):
+        params_from_dict(committed_with(section, "amp", value))
+
+
+@pytest.mark.parametrize("value", ["auto", "shifted_gemm", "conv2d"])
+def test_conv_kernel_choices(value):
+    assert params_from_dict(committed_with("model", "conv_kernel", value)).model.conv_kernel == value
+
+
+def test_a_bad_conv_kernel_names_the_key():
+    with pytest.raises(ParamsError, match=r"model\.conv_kernel = 'winograd' is not allowed"):
+        params_from_dict(committed_with("model", "conv_kernel", "winograd"))
+
+
+def test_the_default_setup_pins_the_committed_runs_kernel_and_float32():
+    """Reproducibility: the committed run's numbers must not move with the machine's timings."""
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.conv_kernel == "shifted_gemm"
+    assert params.train.amp is False and params.evaluate.amp is False

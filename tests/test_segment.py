@@ -405,3 +405,31 @@ def test_a_full_disk_is_one_error_and_leaves_no_empty_out_folder(checkpoint, inp
         with pytest.raises(SegmentError, match=r"--out .*out: no space left on its file system .* MB free"):
             _run(checkpoint, inputs, out_dir=out)
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # new/out/ and its staging are gone
+
+
+# --------------------------------------------------------------------------- precision (--amp, issue 29)
+
+
+def test_amp_auto_runs_bf16_only_where_it_is_native_and_bf16_masks_agree(checkpoint, inputs, tmp_path, monkeypatch):
+    """``--amp auto`` on a CPU without native bf16 is float32 (the same masks); forced bf16
+    autocast (true, what auto picks on an avx512_bf16 / AMX CPU) agrees with float32 on >= 98 % of pixels."""
+    from simprop.infra import device as device_module
+
+    fp32 = _run(checkpoint, inputs, out_dir=tmp_path / "fp32")
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    auto = _run(checkpoint, inputs, out_dir=tmp_path / "auto", amp="auto")
+    for a, b in zip(fp32, auto):
+        assert np.array_equal(np.asarray(Image.open(a.mask)), np.asarray(Image.open(b.mask)))
+    bf16 = _run(checkpoint, inputs, out_dir=tmp_path / "bf16", amp=True)
+    for a, b in zip(fp32, bf16):
+        assert (np.asarray(Image.open(a.mask)) == np.asarray(Image.open(b.mask))).mean() >= 0.98
+
+
+def test_a_bad_amp_value_is_a_clear_error(checkpoint, inputs, capsys):
+    with pytest.raises(SegmentError, match="amp 'fast': use false, true or auto"):
+        _run(checkpoint, inputs, amp="fast")
+    _assert_nothing_written(inputs["out"])
+    (s1, m1), _ = inputs["supports"]
+    rc = main(["segment", "--checkpoint", str(checkpoint), "--support", str(s1), str(m1), "--query",
+               str(inputs["queries"][0]), "--out", str(inputs["out"]), "--device", "cpu", "--amp", "auto", "--quiet"])  # fmt: skip
+    assert rc == 0

@@ -30,6 +30,8 @@ def test_paper_setup_composes_to_valid_params():
     assert params.train.image_size == 321 and params.train.epochs == 180 and params.train.augment
     assert params.model.channels == 256 and params.train.batch_size == 8
     assert params.train.lr == pytest.approx(2.5e-3)
+    # issue 29: the paper setup decides precision and the encoder conv's form on the machine it runs on
+    assert params.train.amp == "auto" and params.evaluate.amp == "auto" and params.model.conv_kernel == "auto"
 
 
 def test_overrides_apply_on_top_of_a_setup():

@@ -469,3 +469,14 @@ def test_an_unreachable_tracking_server_stops_the_stage_in_seconds(tmp_path, cle
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].startswith(f"splits: error: tracking URI http://127.0.0.1:{port}: no MLflow server answers")
     assert not (tmp_path / "data").exists()  # no work was done
+
+
+def test_every_stage_run_carries_the_machine_it_ran_on(store_root, clean_env):
+    """stage_tags, the one place every stage run gets its common tags, adds machine.* (issue 29)."""
+    from simprop.infra.machine import machine_tags
+
+    with stage_run("splits", _params(), repo_root=store_root) as run:
+        run_id = run.run_id
+    tags = _client(f"sqlite:///{store_root / 'mlflow.db'}").get_run(run_id).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("machine.")} == machine_tags()
+    assert {"machine.cpu_model", "machine.cpu_native_bf16", "machine.torch", "machine.gpu"} <= set(tags)
