@@ -67,11 +67,13 @@ class MlflowServer:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-def start_server(root: Path, port: int | None = None, db: Path | None = None) -> MlflowServer:
+def start_server(root: Path, port: int | None = None, db: Path | None = None,
+                 backend_store_uri: str | None = None) -> MlflowServer:  # fmt: skip
     """Start ``mlflow server`` in ``root`` and wait until ``/health`` answers.
 
     ``db``: an existing sqlite store to browse (default ``root/mlflow.db``), e.g. the one a
-    real ``dvc repro`` wrote at a repository root.
+    real ``dvc repro`` wrote at a repository root.  ``backend_store_uri``: another store instead
+    (e.g. ``postgresql://...``: tests/postgres.py).
     """
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -79,7 +81,7 @@ def start_server(root: Path, port: int | None = None, db: Path | None = None) ->
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{db or root / 'mlflow.db'}",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{db or root / 'mlflow.db'}",
         "--artifacts-destination", str(root / "artifacts"),
         "--host", "127.0.0.1",
         "--port", str(port),
