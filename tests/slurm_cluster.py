@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mlflow_server import free_port  # tests/ is on sys.path under pytest
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "sinfo", "scontrol")
 START_TIMEOUT_S = 60.0
@@ -39,12 +40,6 @@ def _which(name: str) -> str:
     found = shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
     assert found, name
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -66,7 +61,7 @@ class Cluster:
 
 
 def _conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int, partition: str) -> str:
-    ctld, slurmd = _free_port(), _free_port()
+    ctld, slurmd = free_port(), free_port()
     return f"""\
 ClusterName=simproptest
 SlurmctldHost=localhost(127.0.0.1)

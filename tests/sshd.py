@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_server import free_port  # tests/ is on sys.path under pytest
+
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -40,12 +42,6 @@ def missing_binaries() -> list[str]:
     missing = [] if os.access(SSHD, os.X_OK) else [SSHD]
     missing += [name for name in ("ssh-keygen",) if shutil.which(name) is None]
     return missing
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
