@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 from simprop.data.errors import LabelError
@@ -27,7 +26,7 @@ from simprop.data.io import (
     write_label_png,
 )
 from simprop.data.layout import DataLayout
-from simprop.data.progress import progress_bar, resolve_workers
+from simprop.data.progress import progress_bar, resolve_workers, worker_pool
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def build_segmentation_class_aug(layout: DataLayout, *, workers: int = 0, progre
                     counts[kind] += 1
                     bar.update()
             else:
-                with Pool(processes) as pool:
+                with worker_pool(processes) as pool:
                     for kind in pool.imap_unordered(work, sources, chunksize=32):
                         counts[kind] += 1
                         bar.update()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -47,3 +48,18 @@ def resolve_workers(workers: int) -> int:
         import os
 
         return max(1, os.cpu_count() or 1)
+
+
+def worker_pool(processes: int):
+    """A ``multiprocessing`` pool for the data stages' per-image work, started with *spawn*.
+
+    Not the Linux default *fork*: a stage process has threads by the time it builds its data
+    (the open MLflow run's, tqdm's monitor), and a forked child
+    inherits every lock those threads held at that moment, held by nobody, so it can wait on one
+    for ever. One CI run of ``dvc repro download`` hung in such a pool for 300 s (CHANGELOG).
+    CPython warns about forking a threaded process from 3.12 and no longer forks by default on
+    POSIX from 3.14 for this reason; the fold workers already spawn (:mod:`simprop.infra.parallel`).
+    Spawn costs each worker a fresh interpreter (~1 s) and requires picklable work: module-level
+    functions and :func:`functools.partial` of them.
+    """
+    return multiprocessing.get_context("spawn").Pool(processes)

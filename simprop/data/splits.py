@@ -29,7 +29,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from simprop.data.io import (
     write_pairs,
 )
 from simprop.data.layout import DataLayout
-from simprop.data.progress import progress_bar, resolve_workers
+from simprop.data.progress import progress_bar, resolve_workers, worker_pool
 from simprop.voc import NUM_CLASSES, class_name, fold_classes
 
 PUBLISHED_OSLSM = {
@@ -176,7 +175,7 @@ def kept_classes_per_image(
                 collect(*result)
                 bar.update()
         else:
-            with Pool(processes) as pool:
+            with worker_pool(processes) as pool:
                 for result in pool.imap_unordered(work, image_ids, chunksize=64):
                     collect(*result)
                     bar.update()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import io
 from functools import lru_cache, partial
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,7 @@ from scipy import ndimage
 
 from simprop.data.io import write_id_list
 from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR
-from simprop.data.progress import progress_bar, resolve_workers
+from simprop.data.progress import progress_bar, resolve_workers, worker_pool
 from simprop.data.synthetic_images import ImagePlan, plan_images, render_image
 from simprop.voc import NUM_CLASSES, voc_palette
 
@@ -117,7 +116,7 @@ def write_synthetic_tree(raw: Path, params, *, workers: int = 1, progress: bool 
                 work(plan)
                 bar.update()
         else:
-            with Pool(processes) as pool:
+            with worker_pool(processes) as pool:
                 for _ in pool.imap_unordered(work, plans, chunksize=8):
                     bar.update()
     lists = {
