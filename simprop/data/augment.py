@@ -26,7 +26,7 @@ from simprop.data.io import (
     write_label_png,
 )
 from simprop.data.layout import DataLayout
-from simprop.data.progress import progress_bar, resolve_workers, worker_pool
+from simprop.data.progress import map_unordered, progress_bar
 
 
 @dataclass(frozen=True)
@@ -75,18 +75,10 @@ def build_segmentation_class_aug(layout: DataLayout, *, workers: int = 0, progre
 
     def build(tmp: Path) -> None:
         work = partial(convert_label, out_dir=tmp)
-        processes = min(resolve_workers(workers), max(1, len(sources) // 64))
         with progress_bar(total=len(sources), desc="SegmentationClassAug", unit=" labels", enabled=progress) as bar:
-            if processes == 1:
-                kinds = map(work, sources)
-                for kind in kinds:
-                    counts[kind] += 1
-                    bar.update()
-            else:
-                with worker_pool(processes) as pool:
-                    for kind in pool.imap_unordered(work, sources, chunksize=32):
-                        counts[kind] += 1
-                        bar.update()
+            for kind in map_unordered(work, sources, workers, per_worker=64, chunksize=32):
+                counts[kind] += 1
+                bar.update()
 
     install_tree(layout.aug, build)
     return counts

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from tqdm import tqdm
@@ -63,3 +63,19 @@ def worker_pool(processes: int):
     functions and :func:`functools.partial` of them.
     """
     return multiprocessing.get_context("spawn").Pool(processes)
+
+
+def map_unordered(work: Callable[[Any], Any], items: Sequence[Any], workers: int, *, per_worker: int,
+                  chunksize: int) -> Iterator[Any]:  # fmt: skip
+    """``work`` of each of ``items``, results in any order: the data stages' per-image map.
+
+    ``data.workers`` processes (:func:`resolve_workers`), but no more than one per ``per_worker``
+    items (a pool costs each worker an interpreter start), in a :func:`worker_pool`; one means
+    here, in this process, in order.
+    """
+    processes = min(resolve_workers(workers), max(1, len(items) // per_worker))
+    if processes == 1:
+        yield from map(work, items)
+        return
+    with worker_pool(processes) as pool:
+        yield from pool.imap_unordered(work, items, chunksize=chunksize)

@@ -43,7 +43,7 @@ from simprop.data.io import (
     write_pairs,
 )
 from simprop.data.layout import DataLayout
-from simprop.data.progress import progress_bar, resolve_workers, worker_pool
+from simprop.data.progress import map_unordered, progress_bar
 from simprop.voc import NUM_CLASSES, class_name, fold_classes
 
 PUBLISHED_OSLSM = {
@@ -161,7 +161,6 @@ def kept_classes_per_image(
             f"({len(missing)} missing); run the augment stage"
         )
     work = partial(_class_counts, aug=layout.aug)
-    processes = min(resolve_workers(workers), max(1, len(image_ids) // 64))
     kept: dict[str, list[int]] = {}
 
     def collect(image_id: str, full: np.ndarray, sampled: np.ndarray) -> None:
@@ -170,15 +169,9 @@ def kept_classes_per_image(
         ]
 
     with progress_bar(total=len(image_ids), desc="class statistics", unit=" labels", enabled=progress) as bar:
-        if processes == 1:
-            for result in map(work, image_ids):
-                collect(*result)
-                bar.update()
-        else:
-            with worker_pool(processes) as pool:
-                for result in pool.imap_unordered(work, image_ids, chunksize=64):
-                    collect(*result)
-                    bar.update()
+        for result in map_unordered(work, image_ids, workers, per_worker=64, chunksize=64):
+            collect(*result)
+            bar.update()
     return kept
 
 

@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from simprop.data.io import write_id_list
 from simprop.data.layout import SBD_SUBDIR, VOC_SUBDIR
-from simprop.data.progress import progress_bar, resolve_workers, worker_pool
+from simprop.data.progress import map_unordered, progress_bar
 from simprop.data.synthetic_images import ImagePlan, plan_images, render_image
 from simprop.voc import NUM_CLASSES, voc_palette
 
@@ -109,16 +109,9 @@ def write_synthetic_tree(raw: Path, params, *, workers: int = 1, progress: bool 
                 VOC_SUBDIR / "ImageSets" / "Segmentation", SBD_SUBDIR / "img", SBD_SUBDIR / "cls"):  # fmt: skip
         (raw / sub).mkdir(parents=True, exist_ok=True)
     work = partial(_write_image, params=params, raw=raw)
-    processes = min(resolve_workers(workers), max(1, len(plans) // 32))
     with progress_bar(total=len(plans), desc="generate", unit=" images", enabled=progress) as bar:
-        if processes == 1:
-            for plan in plans:
-                work(plan)
-                bar.update()
-        else:
-            with worker_pool(processes) as pool:
-                for _ in pool.imap_unordered(work, plans, chunksize=8):
-                    bar.update()
+        for _ in map_unordered(work, plans, workers, per_worker=32, chunksize=8):
+            bar.update()
     lists = {
         "voc_train": sorted(p.image_id for p in plans if p.voc_split == "train"),
         "voc_val": sorted(p.image_id for p in plans if p.voc_split == "val"),
