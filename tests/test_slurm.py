@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from processes import default_sigint
 from slurm_cluster import finished_jobs, missing_binaries, queued_jobs, start_cluster, stop_cluster
 from test_pipeline import DVC, git_env, make_repo, run, tiny_params
 
@@ -173,12 +174,8 @@ def test_sigint_to_the_stage_cancels_its_array_and_fails_the_stage(repo, cluster
     write_params(copy, "slurm", "params-long.yaml", epochs=500, iterations_per_epoch=50)  # runs for minutes
     env = {**git_env(), "PYTHONPATH": str(copy)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    # SIGINT at its default, as under a terminal: a shell that runs pytest in the background (`cmd &`
-    # without job control) hands every child SIGINT ignored, and the stage would then train to the end
-    # (one CI run: exit 0 after 244 s); tests/test_tracking.py's _start_stage does the same
     proc = subprocess.Popen([sys.executable, "stages/train.py", "--params", "params-long.yaml"], cwd=copy, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list((copy / "models").glob("*/fold0/seed0/last.pt")):

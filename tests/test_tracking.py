@@ -16,6 +16,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from mlflow_server import copy_store, mlflow_db_template, mlflow_server  # noqa: E402,F401  (fixtures)
+from processes import default_sigint  # noqa: E402
 
 from simprop.infra.tracking import stage_run
 from simprop.infra.tracking.store import find_repo_root, original_repo_root, resolve_tracking
@@ -303,13 +304,9 @@ def _start_stage(root: Path, mode: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), MLFLOW_DISABLE_TELEMETRY="true")
     for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_ROOT"):
         env.pop(var, None)
-    # SIGINT at its default, as under a terminal: a shell that starts pytest in the background
-    # (`cmd &` without job control) hands every child SIGINT ignored, and Python then never
-    # raises KeyboardInterrupt, so the SIGINT case would hang instead of testing the stage.
     return subprocess.Popen(
         [sys.executable, str(root / "stage_script.py"), str(root), mode], cwd=root, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint,
     )  # fmt: skip
 
 
