@@ -225,7 +225,13 @@ def test_a_task_interrupted_the_submitit_way_is_requeued_and_resumes_from_last_p
     assert proc.returncode == 0, err
     record = json.loads((copy / "metrics" / "train" / "simpropnet" / "fold0" / "seed0.json").read_text())
     assert record["resumed_from_epoch"] is not None and record["epochs"] == 40
-    # submitit appends the requeued attempt to the first one's log: both attempts and the checkpoint in between
+    # SLURM's own record: the job was requeued once (slurmctld keeps it MinJobAge=300 s after it ends)
+    shown = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True, text=True,
+                           timeout=30)  # fmt: skip
+    assert shown.returncode == 0 and "Restarts=1" in shown.stdout.split(), shown.stdout + shown.stderr
+    # submitit appends the requeued attempt to the first one's log: both attempts and the checkpoint in between.
+    # Not its "Requeued job" line: submitit writes it after `scontrol requeue` returns, when slurmctld may already
+    # be tearing the step down, and slurmstepd can drop it (seen once in CI; the job was requeued all the same)
     log = (copy / "logs" / "slurm" / "train" / f"{job_id}_0_log.out").read_text()
-    assert "Caught signal SIGUSR2" in log and "Calling checkpoint method" in log and f"Requeued job {job_id}" in log
-    assert log.count("Starting with JobEnvironment") == 2
+    assert "Caught signal SIGUSR2" in log and "Calling checkpoint method" in log, log
+    assert log.count("Starting with JobEnvironment") == 2, log
