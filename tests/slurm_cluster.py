@@ -10,7 +10,8 @@ submitit and every child process use this cluster.  No cgroups (``proctrack/linu
 Follows the layout of Slurm's own minimal test configurations (``slurm.conf`` man page, "EXAMPLE")
 and of the single-node ``slurm-docker-cluster`` set-ups; ``SlurmdParameters=config_overrides``
 keeps the node from being drained when the CPUs declared differ from the hardware; ``cred_expire=10``
-shortens the wait of a requeued job before it may start again (120 s by default).
+shortens the wait of a requeued job before it may start again (120 s by default), and
+``bf_interval=1`` starts it within a second of that (the backfill scheduler's 30 s cycle by default).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc={folder}/jobcomp.txt
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SlurmdParameters=config_overrides
