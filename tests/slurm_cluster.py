@@ -180,20 +180,24 @@ def queued_jobs(cluster: Cluster) -> list[str]:
     return [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
 
 
+def _fields(text: str) -> dict[str, str]:
+    """The ``Key=value`` words of a SLURM record (a jobcomp line, ``scontrol show job``)."""
+    return dict(item.split("=", 1) for item in text.split() if "=" in item)
+
+
 def finished_jobs(cluster: Cluster) -> list[dict[str, str]]:
     """The ``jobcomp/filetxt`` records: one dict per finished job (``JobId``, ``JobState``, ``NodeList``, ...)."""
     if not cluster.jobcomp.exists():
         return []
-    records = []
-    for line in cluster.jobcomp.read_text().splitlines():
-        record = {}
-        for item in line.split():
-            key, sep, value = item.partition("=")
-            if sep:
-                record[key] = value
-        if record:
-            records.append(record)
-    return records
+    return [record for record in map(_fields, cluster.jobcomp.read_text().splitlines()) if record]
+
+
+def job_record(cluster: Cluster, job_id: str) -> dict[str, str]:
+    """slurmctld's record of a job (``JobState``, ``Restarts``, ...), kept ``MinJobAge`` s after it ends."""
+    result = subprocess.run([_which("scontrol"), "show", "job", job_id], check=False, env=cluster.env,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return _fields(result.stdout)
 
 
 def stop_cluster(cluster: Cluster) -> None:

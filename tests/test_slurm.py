@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from processes import default_sigint
-from slurm_cluster import finished_jobs, missing_binaries, queued_jobs, start_cluster, stop_cluster
+from slurm_cluster import finished_jobs, job_record, missing_binaries, queued_jobs, start_cluster, stop_cluster
 from test_pipeline import DVC, git_env, make_repo, run, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -225,10 +225,8 @@ def test_a_task_interrupted_the_submitit_way_is_requeued_and_resumes_from_last_p
     assert proc.returncode == 0, err
     record = json.loads((copy / "metrics" / "train" / "simpropnet" / "fold0" / "seed0.json").read_text())
     assert record["resumed_from_epoch"] is not None and record["epochs"] == 40
-    # SLURM's own record: the job was requeued once (slurmctld keeps it MinJobAge=300 s after it ends)
-    shown = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True, text=True,
-                           timeout=30)  # fmt: skip
-    assert shown.returncode == 0 and "Restarts=1" in shown.stdout.split(), shown.stdout + shown.stderr
+    job = job_record(cluster, job_id)  # SLURM's own record: the job was requeued once
+    assert job["Restarts"] == "1", job
     # submitit appends the requeued attempt to the first one's log: both attempts and the checkpoint in between.
     # Not its "Requeued job" line: submitit writes it after `scontrol requeue` returns, when slurmctld may already
     # be tearing the step down, and slurmstepd can drop it (seen once in CI; the job was requeued all the same)
